@@ -1,0 +1,113 @@
+"""Write real HF-format backbone directories with random weights, for offline tests and demos.
+
+Each directory holds a config, safetensors weights and a tokenizer or image
+processor, and loads with the same `from_pretrained` call a hub id takes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import transformers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from mllm.backbones.tokenizers import make_tokenizer
+
+LLM_FAMILIES = ("llama", "qwen2", "gpt2", "phi3")
+VISION_FAMILIES = ("clip", "siglip")
+
+
+@dataclass
+class TinySize:
+    """Sizes of the generated backbones (default: tiny, for tests in seconds)."""
+
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    vocab: int = 1024
+    vision_hidden: int = 48
+    vision_layers: int = 3
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+
+
+def _llm_config(family: str, size: TinySize, vocab: int, tok):
+    common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=size.llm_hidden, n_layer=size.llm_layers, n_head=size.llm_heads, n_positions=2048, **common
+        )
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[family]
+    return cls(
+        hidden_size=size.llm_hidden,
+        intermediate_size=2 * size.llm_hidden,
+        num_hidden_layers=size.llm_layers,
+        num_attention_heads=size.llm_heads,
+        num_key_value_heads=size.llm_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=family != "phi3",
+        **common,
+    )
+
+
+def make_llm(family: str, out: str, size: TinySize | None = None, seed: int = 0) -> str:
+    """Write a tiny causal LM of `family` (llama, qwen2, gpt2, phi3) with its tokenizer to `out`."""
+    size = size or TinySize()
+    tok = make_tokenizer(family, size.vocab)
+    config = _llm_config(family, size, len(tok), tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_vision(family: str, out: str, size: TinySize | None = None, seed: int = 0) -> str:
+    """Write a tiny vision tower of `family` (clip, siglip) with its image processor to `out`."""
+    size = size or TinySize()
+    common = dict(
+        hidden_size=size.vision_hidden,
+        intermediate_size=2 * size.vision_hidden,
+        num_hidden_layers=size.vision_layers,
+        num_attention_heads=size.vision_heads,
+        image_size=size.image_size,
+        patch_size=size.patch_size,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "clip":
+            model = CLIPVisionModel(CLIPVisionConfig(projection_dim=size.vision_hidden, **common))
+            proc = CLIPImageProcessor(
+                size={"shortest_edge": size.image_size}, crop_size={"height": size.image_size, "width": size.image_size}
+            )
+        elif family == "siglip":
+            model = SiglipVisionModel(SiglipVisionConfig(**common))
+            proc = SiglipImageProcessor(size={"height": size.image_size, "width": size.image_size})
+        else:
+            raise KeyError(f"unknown vision family {family!r}; known: {VISION_FAMILIES}")
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def make_all(out: str, size: TinySize | None = None, llms=LLM_FAMILIES, visions=VISION_FAMILIES) -> dict[str, str]:
+    """Write every family under `out/`; returns {name: directory}."""
+    paths = {}
+    for fam in visions:
+        paths[fam] = make_vision(fam, os.path.join(out, f"vision-{fam}"), size)
+    for fam in llms:
+        paths[fam] = make_llm(fam, os.path.join(out, f"llm-{fam}"), size)
+    return paths

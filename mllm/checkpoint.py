@@ -1,0 +1,209 @@
+"""Self-contained checkpoints: trainable weights (safetensors) + the config that says what the model is.
+
+Layout of a checkpoint directory::
+
+    mllm_config.json        format version, ModelConfig, template and run settings
+    connector.safetensors   always
+    adapter/                LoRA / QLoRA adapters (peft layout), when the LLM was adapted
+    llm.safetensors         full LLM weights, when the LLM was trained in full
+    vision.safetensors      when the vision tower was trained
+    COMPLETE                written last: the manifest of every file and its size
+
+A directory is written under a temporary name and renamed into place only
+after COMPLETE is on disk, so a crash mid-save never leaves a checkpoint that
+looks complete. `load_checkpoint` verifies the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mllm.config import FORMAT_VERSION, ModelConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "mllm_config.json"
+COMPLETE_FILE = "COMPLETE"
+_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def trainable_state_dicts(model) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights a checkpoint stores, per component, as contiguous CPU tensors.
+
+    Under ZeRO-3 call this inside `deepspeed.zero.GatheredParameters` over the trainable parameters.
+    """
+    cfg = model.config
+    out = {"connector": _cpu(model.connector.state_dict())}
+    if cfg.vision.trainable == "full":
+        out["vision"] = _cpu(model.vision.state_dict())
+    if cfg.llm.mode in ("lora", "qlora"):
+        from peft import get_peft_model_state_dict
+
+        out["adapter"] = _cpu(get_peft_model_state_dict(model.llm))
+    elif cfg.llm.mode == "full":
+        out["llm"] = _cpu(model.llm.state_dict())
+    return out
+
+
+def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def write_model_files(
+    directory: str | os.PathLike,
+    model_config: ModelConfig,
+    weights: dict[str, dict[str, torch.Tensor]],
+    meta: dict[str, Any] | None = None,
+    adapter_config=None,
+) -> None:
+    """Write the weights and config of a checkpoint into `directory` (no COMPLETE marker yet)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for component, sd in weights.items():
+        empty = [k for k, v in sd.items() if v.numel() == 0]
+        if empty:
+            raise CheckpointError(f"refusing to save empty tensors for {component}: {empty[:3]} (ZeRO-3 not gathered?)")
+        if component == "adapter":
+            (d / "adapter").mkdir(exist_ok=True)
+            save_file(sd, str(d / "adapter" / "adapter_model.safetensors"))
+            if adapter_config is not None:
+                adapter_config.save_pretrained(str(d / "adapter"))
+        else:
+            save_file(sd, str(d / f"{component}.safetensors"))
+    config = {"format_version": FORMAT_VERSION, "model": model_config.to_dict(), **(meta or {})}
+    (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+
+
+def mark_complete(directory: str | os.PathLike) -> None:
+    """Write the manifest last, fsynced: from here on the directory is a usable checkpoint."""
+    d = Path(directory)
+    manifest = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and p.name != COMPLETE_FILE:
+            manifest[str(p.relative_to(d))] = p.stat().st_size
+    tmp = d / (COMPLETE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": manifest}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / COMPLETE_FILE)
+
+
+def verify(directory: str | os.PathLike) -> None:
+    """Raise `CheckpointError` unless `directory` has a COMPLETE manifest that matches its files."""
+    d = Path(directory)
+    marker = d / COMPLETE_FILE
+    if not marker.is_file():
+        raise CheckpointError(f"{d}: no {COMPLETE_FILE} marker (an interrupted save?)")
+    try:
+        manifest = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{d}: unreadable {COMPLETE_FILE} manifest ({e})") from e
+    for rel, size in manifest.items():
+        p = d / rel
+        if not p.is_file() or p.stat().st_size != size:
+            raise CheckpointError(f"{d}: {rel} is missing or has the wrong size (damaged checkpoint)")
+
+
+def publish(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
+    """Atomically move a completed temporary checkpoint directory to its final name."""
+    final = Path(final_dir)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp_dir, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every `checkpoint-N` folder in `output_dir`, oldest first (complete or not)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint; a damaged newer one is skipped with a warning."""
+    for step, path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("skipping damaged checkpoint %s: %s; falling back to an older one", path, e)
+    return None
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    d = Path(path)
+    if not d.exists():
+        raise CheckpointError(f"{d}: no such checkpoint directory")
+    if not (d / CONFIG_FILE).is_file():
+        newest = latest_checkpoint(d)
+        if newest is None:
+            raise CheckpointError(f"{d}: not an mllm checkpoint (no {CONFIG_FILE}) and holds no complete checkpoint-N")
+        d = newest
+    verify(d)
+    config = json.loads((d / CONFIG_FILE).read_text())
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{d}: checkpoint format version {version!r}; this mllm reads version {FORMAT_VERSION}")
+    config["_path"] = str(d)
+    return config
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: str | None = None, device: str | None = None, load_4bit: bool = False):
+    """Load a checkpoint (or an output directory: its newest complete checkpoint) for inference.
+
+    Returns `(model, config)`: the `MultimodalLM` in eval mode with its trained weights, and the saved config
+    dict (template, run settings). Needs no DeepSpeed.
+    """
+    from mllm.connectors import CONNECTORS
+    from mllm.model import build_model, resolve_runtime
+    from mllm.vision import VISION_TOWERS
+
+    config = read_config(path)
+    d = Path(config["_path"])
+    mcfg = ModelConfig.from_dict(config["model"])
+    for what, registry, name in (("connector", CONNECTORS, mcfg.connector.kind), ("vision tower", VISION_TOWERS, mcfg.vision.kind)):
+        if name not in registry and not (what == "vision tower" and name == "efficientnet-lite0"):
+            raise CheckpointError(f"{d}: unknown {what} {name!r} in {CONFIG_FILE}; known: {registry.names()}")
+    if dtype:
+        mcfg.dtype = dtype
+    trained_mode = mcfg.llm.mode
+    if load_4bit and trained_mode in ("frozen", "lora"):
+        mcfg.llm.mode = "qlora" if trained_mode == "lora" else trained_mode
+    runtime = resolve_runtime(mcfg.dtype, mcfg.attn_implementation, device)
+    model = build_model(mcfg, runtime, trainable=trained_mode in ("lora", "qlora"))
+    model.connector.load_state_dict(load_file(str(d / "connector.safetensors")))
+    if (d / "vision.safetensors").is_file():
+        model.vision.load_state_dict(load_file(str(d / "vision.safetensors")))
+    if (d / "llm.safetensors").is_file():
+        model.llm.load_state_dict(load_file(str(d / "llm.safetensors")))
+    if (d / "adapter" / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model.llm, load_file(str(d / "adapter" / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{d}: adapter weights do not fit the LLM: {result.unexpected_keys[:3]}")
+    model.to(runtime.device)
+    model.requires_grad_(False)
+    model.eval()
+    return model, config

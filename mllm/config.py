@@ -1,0 +1,126 @@
+"""Typed configuration of the multimodal model: vision tower, connector, LLM.
+
+Everything a checkpoint *is* lives here and is saved beside its weights, so
+nothing is ever inferred from a folder name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IMAGE_TOKEN_ID = -200
+"""Sentinel id for an image-token position in `input_ids` (never sent to the embedding table)."""
+
+IMAGE_PLACEHOLDER = "<image>"
+"""The placeholder users write in their text; each one is one image."""
+
+FORMAT_VERSION = 1
+"""Version of the saved model config / checkpoint layout."""
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower. Frozen by default."""
+
+    path: str = ""
+    """HF model id or directory (any transformers vision model), or a path for other kinds."""
+    kind: str = "hf"
+    """Tower implementation from the `mllm.vision` registry: `hf` or `efficientnet-lite0`."""
+    feature_layer: int = -2
+    """Hidden-state layer whose patch features feed the connector (`hf` towers)."""
+    pool: int = 1
+    """Average-pool the patch grid by this factor per side (1 = keep every patch)."""
+    trainable: Literal["frozen", "full"] = "frozen"
+
+    def __post_init__(self):
+        if self.trainable not in ("frozen", "full"):
+            raise ValueError(f"vision.trainable must be frozen|full, got {self.trainable!r}")
+        if self.pool < 1:
+            raise ValueError(f"vision.pool must be >= 1, got {self.pool}")
+
+
+@dataclass
+class ConnectorConfig:
+    """The trainable bridge from vision features to LLM embeddings."""
+
+    kind: str = "mlp"
+    """`mlp` (LLaVA projector), `qformer` (BLIP-2) or `resampler` (perceiver)."""
+    projector: str = "mlp2x_gelu"
+    """For `mlp`: `linear` or `mlp{N}x_gelu` (N linear layers with GELU between)."""
+    num_queries: int = 32
+    """For `qformer` / `resampler`: number of learned queries = visual tokens per image."""
+    num_layers: int = 2
+    """For `qformer` / `resampler`: transformer layers."""
+    hidden_size: int = 0
+    """For `qformer` / `resampler`: internal width (0 = the vision feature width)."""
+    num_heads: int = 8
+    """For `qformer` / `resampler`: attention heads (must divide hidden_size)."""
+
+    def __post_init__(self):
+        if self.kind == "mlp" and not (self.projector == "linear" or re.fullmatch(r"mlp(\d+)x_gelu", self.projector)):
+            raise ValueError(f"connector.projector must be 'linear' or 'mlpNx_gelu', got {self.projector!r}")
+        if self.num_queries < 1 or self.num_layers < 1:
+            raise ValueError("connector.num_queries and connector.num_layers must be >= 1")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or `all-linear` (every linear layer of the LLM but its head)."""
+
+
+@dataclass
+class LLMConfig:
+    """The causal language model."""
+
+    path: str = ""
+    """HF model id or directory of any causal LM."""
+    mode: Literal["frozen", "full", "lora", "qlora"] = "frozen"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    trust_remote_code: bool = False
+    """Off unless asked: loading code from a model repo runs arbitrary Python."""
+
+    def __post_init__(self):
+        if self.mode not in ("frozen", "full", "lora", "qlora"):
+            raise ValueError(f"llm.mode must be frozen|full|lora|qlora, got {self.mode!r}")
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute dtype of the frozen backbones; `auto` = bf16 where the hardware runs it fast, else fp32."""
+    attn_implementation: str = "auto"
+    """`auto` = flash_attention_2 when flash-attn imports and CUDA is present, else sdpa."""
+
+    def __post_init__(self):
+        for name, cls in (("vision", VisionConfig), ("connector", ConnectorConfig), ("llm", LLMConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, from_dict(cls, value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return from_dict(cls, data)
+
+
+def from_dict(cls, data: dict[str, Any]):
+    """Build dataclass `cls` from a dict, rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(names)}")
+    return cls(**data)

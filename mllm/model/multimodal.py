@@ -1,0 +1,121 @@
+"""`MultimodalLM`: frozen vision tower → connector → visual tokens spliced into the LLM's embeddings → loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mllm.config import IMAGE_TOKEN_ID, ModelConfig
+from mllm.vision.base import VisionTower
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MultimodalOutput:
+    loss: torch.Tensor | None
+    """Mean loss over supervised tokens of this batch."""
+    loss_sum: torch.Tensor | None
+    """Summed loss, for normalising by supervised tokens across accumulated micro-batches."""
+    num_tokens: torch.Tensor | None
+    """Supervised (predicted) tokens in this batch."""
+    logits: torch.Tensor | None = None
+    """Full-vocabulary logits [B, T, V], only when asked for (`return_logits=True`)."""
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, config: ModelConfig, vision: VisionTower, connector: nn.Module, llm: nn.Module):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens each image occupies in the LLM sequence (known before any forward pass)."""
+        return self.connector.num_tokens
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images [I, 3, H, W] → visual tokens [I, K, D_llm]."""
+        train_vision = self.config.vision.trainable == "full"
+        with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+            feats = self.vision(pixel_values)  # [I, N, Dv]
+        cdtype = next(self.connector.parameters()).dtype
+        return self.connector(feats.to(cdtype))  # [I, K, D_llm]
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        sample_ids: list | None = None,
+    ) -> torch.Tensor:
+        """Token ids [B, T] (image positions = IMAGE_TOKEN_ID) → input embeddings [B, T, D]."""
+        is_image = input_ids == IMAGE_TOKEN_ID  # [B, T]
+        text_ids = input_ids.masked_fill(is_image, 0)
+        embeds = self.llm.get_input_embeddings()(text_ids)  # [B, T, D]
+        self._check_image_positions(is_image, pixel_values, image_counts, sample_ids)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return embeds
+        visual = self.encode_images(pixel_values).to(embeds.dtype)  # [I, K, D]
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual)  # row-major: image i fills its K slots
+
+    def _check_image_positions(self, is_image, pixel_values, image_counts, sample_ids) -> None:
+        k = self.num_image_tokens
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        per_row = is_image.sum(dim=1)
+        if image_counts is not None:
+            expected = image_counts.to(per_row.device) * k
+            bad = (per_row != expected).nonzero().flatten().tolist()
+            if bad:
+                b = bad[0]
+                who = sample_ids[b] if sample_ids is not None else f"batch row {b}"
+                raise ValueError(
+                    f"sample {who}: {int(per_row[b])} image-token positions but {int(image_counts[b])} image(s) "
+                    f"× {k} tokens = {int(expected[b])}; each <image> placeholder needs exactly one image"
+                )
+        if int(per_row.sum()) != n_images * k:
+            raise ValueError(
+                f"batch has {int(per_row.sum())} image-token positions but {n_images} image(s) × {k} tokens; "
+                "each <image> placeholder needs exactly one image"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        sample_ids: list | None = None,
+        return_logits: bool = False,
+        **llm_kwargs,
+    ) -> MultimodalOutput:
+        embeds = self.embed(input_ids, pixel_values, image_counts, sample_ids)  # [B, T, D]
+        hidden = self.llm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **llm_kwargs
+        ).last_hidden_state  # [B, T, D]
+        logits = self.head(hidden) if return_logits else None
+        if labels is None:
+            return MultimodalOutput(None, None, None, logits)
+        loss_sum, n = self.supervised_loss(hidden, labels)
+        return MultimodalOutput(loss_sum / n.clamp(min=1), loss_sum, n, logits)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states → full-vocabulary logits (with the LLM's final soft-capping, if it has one)."""
+        logits = self.llm.get_output_embeddings()(hidden)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token loss summed over supervised positions only: prompt and image tokens never reach the head."""
+        targets = labels[:, 1:]  # [B, T-1]
+        keep = targets != IGNORE_INDEX
+        h = hidden[:, :-1][keep]  # [M, D]
+        logits = self.head(h).float()  # [M, V]
+        loss_sum = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        return loss_sum, keep.sum()

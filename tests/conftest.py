@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny real HF backbone directories, built once per test session."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory) -> dict[str, str]:
+    """{'clip', 'siglip', 'llama', 'qwen2', 'gpt2', 'phi3'} → directory of a tiny random HF model."""
+    from mllm.backbones import make_all
+
+    return make_all(str(tmp_path_factory.mktemp("backbones")))
+
+
+@pytest.fixture
+def tiny_config(backbones):
+    """A factory: tiny_config(vision='clip', llm='llama', connector='mlp', **connector_kw) → ModelConfig (fp32)."""
+    from mllm.config import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
+
+    def make(vision="clip", llm="llama", connector="mlp", mode="frozen", **connector_kw) -> ModelConfig:
+        connector_kw = {"num_queries": 4, "num_heads": 4, **connector_kw}
+        return ModelConfig(
+            vision=VisionConfig(path=backbones[vision]),
+            connector=ConnectorConfig(kind=connector, **connector_kw),
+            llm=LLMConfig(path=backbones[llm], mode=mode),
+            dtype="fp32",
+        )
+
+    return make
