@@ -169,11 +169,18 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: str | None = None, device: str | None = None, load_4bit: bool = False):
+def load_checkpoint(
+    path: str | os.PathLike,
+    dtype: str | None = None,
+    device: str | None = None,
+    load_4bit: bool = False,
+    full_precision_base: bool = False,
+):
     """Load a checkpoint (or an output directory: its newest complete checkpoint) for inference.
 
     Returns `(model, config)`: the `MultimodalLM` in eval mode with its trained weights, and the saved config
-    dict (template, run settings). Needs no DeepSpeed.
+    dict (template, run settings). Needs no DeepSpeed. `full_precision_base` puts a QLoRA checkpoint's
+    adapters on the unquantised base (its `model.config.llm.mode` is then `lora`), e.g. to merge them.
     """
     from mllm.connectors import CONNECTORS
     from mllm.model import build_model, resolve_runtime
@@ -188,10 +195,17 @@ def load_checkpoint(path: str | os.PathLike, dtype: str | None = None, device: s
     if dtype:
         mcfg.dtype = dtype
     trained_mode = mcfg.llm.mode
-    if load_4bit and trained_mode in ("frozen", "lora"):
-        mcfg.llm.mode = "qlora" if trained_mode == "lora" else trained_mode
+    if load_4bit and trained_mode == "full":
+        raise CheckpointError(
+            f"{d}: --load-4bit needs the LLM's base weights from its own directory, but this checkpoint trained the "
+            "whole LLM; load it in bf16/fp32 instead"
+        )
+    if load_4bit and trained_mode == "lora":
+        mcfg.llm.mode = "qlora"
+    if full_precision_base and trained_mode == "qlora":
+        mcfg.llm.mode = "lora"
     runtime = resolve_runtime(mcfg.dtype, mcfg.attn_implementation, device)
-    model = build_model(mcfg, runtime, trainable=trained_mode in ("lora", "qlora"))
+    model = build_model(mcfg, runtime, trainable=trained_mode in ("lora", "qlora"), load_4bit=load_4bit)
     model.connector.load_state_dict(load_file(str(d / "connector.safetensors")))
     if (d / "vision.safetensors").is_file():
         model.vision.load_state_dict(load_file(str(d / "vision.safetensors")))

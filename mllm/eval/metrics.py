@@ -22,13 +22,17 @@ def vqa_accuracy(prediction: str, references: str | Sequence[str]) -> float:
     return float(hits > 0) if len(refs) == 1 else min(hits / 3.0, 1.0)
 
 
-def qa_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]], types: Sequence[str | None] | None = None) -> dict:
+def qa_scores(
+    predictions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    types: Sequence[str | None] | None = None,
+) -> dict:
     """Exact match and VQA accuracy (percent) overall and, when samples carry a type, per type."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     types = list(types) if types is not None else [None] * len(predictions)
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for pred, ref, kind in zip(predictions, references, types):
+    for pred, ref, kind in zip(predictions, references, types, strict=True):
         first = ref if isinstance(ref, str) else ref[0]
         row = (exact_match(pred, first), vqa_accuracy(pred, ref))
         groups["overall"].append(row)
@@ -65,7 +69,10 @@ def caption_scores(predictions: Sequence[str], references: Sequence[str | Sequen
     if not predictions:
         raise ValueError("no predictions to score")
     res = {i: [_caption_tokens(p) or "<empty>"] for i, p in enumerate(predictions)}
-    gts = {i: [_caption_tokens(r) for r in ([ref] if isinstance(ref, str) else ref)] for i, ref in enumerate(references)}
+    gts = {
+        i: [_caption_tokens(r) for r in ([ref] if isinstance(ref, str) else ref)]
+        for i, ref in enumerate(references)
+    }
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)

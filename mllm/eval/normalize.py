@@ -21,7 +21,7 @@ _CONTRACTIONS = {
     "thats": "that's", "theres": "there's", "theyre": "they're", "wasnt": "wasn't", "werent": "weren't",
     "whats": "what's", "wont": "won't", "wouldnt": "wouldn't", "youre": "you're", "youve": "you've",
 }  # fmt: skip
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCT = ';/[]"{}()=+\\_-><@`,?!'  # the official list; the apostrophe stays (contractions)
 _DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
 _PERIOD = re.compile(r"\.(?!\d)")  # a period that is not a decimal point ("3.5" keeps its own)
 

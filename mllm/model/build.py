@@ -17,9 +17,10 @@ from mllm.vision import build_vision_tower
 log = logging.getLogger(__name__)
 
 
-def load_llm(cfg: ModelConfig, runtime: Runtime):
+def load_llm(cfg: ModelConfig, runtime: Runtime, load_4bit: bool = False):
+    """The causal LM via `from_pretrained`; NF4 4-bit (bitsandbytes) for QLoRA or when `load_4bit` asks."""
     kwargs = dict(dtype=runtime.dtype, attn_implementation=runtime.attn_implementation, trust_remote_code=cfg.llm.trust_remote_code)
-    if cfg.llm.mode == "qlora":
+    if cfg.llm.mode == "qlora" or load_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -34,12 +35,17 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(cfg.llm.path, trust_remote_code=cfg.llm.trust_remote_code)
 
 
-def build_model(cfg: ModelConfig, runtime: Runtime | None = None, trainable: bool = True) -> MultimodalLM:
-    """Load the backbones, build the connector (fp32), and apply the declared trainability."""
+def build_model(
+    cfg: ModelConfig, runtime: Runtime | None = None, trainable: bool = True, load_4bit: bool = False
+) -> MultimodalLM:
+    """Load the backbones, build the connector (fp32), and apply the declared trainability.
+
+    `load_4bit` quantises a frozen LLM to NF4 for inference (QLoRA mode always does).
+    """
     runtime = runtime or resolve_runtime(cfg.dtype, cfg.attn_implementation)
     log.info("runtime: %s", runtime.describe())
     vision = build_vision_tower(cfg.vision, dtype=runtime.dtype, trust_remote_code=cfg.llm.trust_remote_code)
-    llm = load_llm(cfg, runtime)
+    llm = load_llm(cfg, runtime, load_4bit)
     llm.config.use_cache = False
     connector = build_connector(cfg.connector, vision.hidden_size, vision.num_tokens, llm.config.hidden_size)
     connector.to(torch.float32)

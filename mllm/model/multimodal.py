@@ -38,13 +38,16 @@ class MultimodalLM(nn.Module):
         """Visual tokens each image occupies in the LLM sequence (known before any forward pass)."""
         return self.connector.num_tokens
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images [I, 3, H, W] → visual tokens [I, K, D_llm]."""
+    def encode_images(self, pixel_values: torch.Tensor | None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [I, 3, H, W] (or their precomputed tower features [I, N, Dv]) → visual tokens [I, K, D_llm]."""
         train_vision = self.config.vision.trainable == "full"
-        with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
-            feats = self.vision(pixel_values)  # [I, N, Dv]
+        if features is None:
+            with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+                features = self.vision(pixel_values)  # [I, N, Dv]
+        elif train_vision:
+            raise ValueError("precomputed vision features cannot train the vision tower (vision.trainable=full)")
         cdtype = next(self.connector.parameters()).dtype
-        return self.connector(feats.to(cdtype))  # [I, K, D_llm]
+        return self.connector(features.to(cdtype))  # [I, K, D_llm]
 
     def embed(
         self,
@@ -52,15 +55,20 @@ class MultimodalLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         sample_ids: list | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids [B, T] (image positions = IMAGE_TOKEN_ID) → input embeddings [B, T, D]."""
+        """Token ids [B, T] (image positions = IMAGE_TOKEN_ID) → input embeddings [B, T, D].
+
+        `features` [I, N, Dv] (e.g. from `mllm.vision.cache`) replace `pixel_values` for a frozen tower.
+        """
         is_image = input_ids == IMAGE_TOKEN_ID  # [B, T]
         text_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.llm.get_input_embeddings()(text_ids)  # [B, T, D]
-        self._check_image_positions(is_image, pixel_values, image_counts, sample_ids)
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        images = features if features is not None else pixel_values
+        self._check_image_positions(is_image, images, image_counts, sample_ids)
+        if images is None or images.shape[0] == 0:
             return embeds
-        visual = self.encode_images(pixel_values).to(embeds.dtype)  # [I, K, D]
+        visual = self.encode_images(pixel_values, features).to(embeds.dtype)  # [I, K, D]
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual)  # row-major: image i fills its K slots
 
     def _check_image_positions(self, is_image, pixel_values, image_counts, sample_ids) -> None:
@@ -93,9 +101,10 @@ class MultimodalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         sample_ids: list | None = None,
         return_logits: bool = False,
+        features: torch.Tensor | None = None,
         **llm_kwargs,
     ) -> MultimodalOutput:
-        embeds = self.embed(input_ids, pixel_values, image_counts, sample_ids)  # [B, T, D]
+        embeds = self.embed(input_ids, pixel_values, image_counts, sample_ids, features)  # [B, T, D]
         hidden = self.llm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **llm_kwargs
         ).last_hidden_state  # [B, T, D]

@@ -1,0 +1,64 @@
+"""The benchmark work on disk (built by the shared `make_work.py`) and its stage data, tokenised by `mllm.data`.
+
+Both sides of the bench train on the token ids and labels `mllm.data` makes
+(assistant tokens supervised, each `<image>` expanded to the visual token
+count), so they see exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+STAGE_FILES = {1: "pretrain.json", 2: "instruct.json"}
+
+
+@dataclass(frozen=True)
+class Work:
+    root: str
+
+    @property
+    def vision(self) -> str:
+        return os.path.join(self.root, "vision")
+
+    @property
+    def llm(self) -> str:
+        return os.path.join(self.root, "llm")
+
+    @property
+    def images(self) -> str:
+        return os.path.join(self.root, "images")
+
+    def data_file(self, stage: int) -> str:
+        if stage not in STAGE_FILES:
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        return os.path.join(self.root, STAGE_FILES[stage])
+
+    def check(self) -> Work:
+        missing = [p for p in (self.vision, self.llm, *(self.data_file(s) for s in STAGE_FILES)) if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"benchmark work incomplete in {self.root}: missing {', '.join(missing)}; "
+                f"build it with `python shared/bench/make_work.py {self.root}`"
+            )
+        return self
+
+
+def stage_dataset(work: Work, stage: int, tokenizer, image_tokens: int, preprocess, samples: int | None = None):
+    """The stage's `MultimodalDataset` (first `samples` records, or all), exact lengths known up front."""
+    from mllm.data import build_dataset, load_recipe
+
+    recipe = load_recipe(work.data_file(stage), image_root=work.images)
+    if samples:
+        recipe.sources[0].sample = str(samples)
+    return build_dataset(recipe, tokenizer, image_tokens, preprocess, progress=False)
+
+
+def encoded_item(dataset, i: int):
+    """(sample, encoded ids/labels, absolute image paths) of item `i` of a `MultimodalDataset`, without decoding images."""
+    from mllm.data.images import resolve_image_path
+
+    item, reader = dataset.items[i], dataset.reader
+    sample, enc = reader.encode(item.source, item.index)
+    root = reader.sources[item.source].spec.image_root or reader.recipe.image_root
+    return sample, enc, [resolve_image_path(root, ref) for ref in sample.images[: enc.num_images]]

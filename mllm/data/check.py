@@ -1,0 +1,188 @@
+"""Pre-flight validation of a recipe: read every sample (parallel), open every image, report what is wrong.
+
+Used by `mllm data check`; the same checks run lazily during training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mllm.data.dataset import open_reader, recipe_tasks
+from mllm.data.encode import ConversationEncoder
+from mllm.data.errors import BadSampleError
+from mllm.data.images import open_image
+from mllm.data.recipe import Recipe
+from mllm.data.sample import validate
+from mllm.data.scan import ScanResult, scan
+from mllm.data.sources import source_format
+from mllm.data.sources.webdataset import expand_shards, read_shard, shard_sample
+
+
+@dataclass
+class SourceReport:
+    name: str
+    format: str
+    selected: int = 0
+    ok: int = 0
+    bad: int = 0
+    truncated: int = 0
+    with_images: int = 0
+    text_only: int = 0
+
+
+@dataclass
+class CheckReport:
+    recipe: str
+    image_tokens: int
+    max_length: int | None
+    sources: list[SourceReport]
+    lengths: np.ndarray
+    """Exact token lengths of the good samples (after image expansion and truncation)."""
+    full_lengths: np.ndarray
+    """Their lengths before truncation."""
+    bad: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(s.selected for s in self.sources)
+
+    def bad_kinds(self) -> Counter:
+        return Counter(b["kind"] for b in self.bad)
+
+    def histogram(self, bins: int = 12) -> list[tuple[int, int, int]]:
+        """(low, high, count) buckets of the token lengths."""
+        if not len(self.lengths):
+            return []
+        counts, edges = np.histogram(self.lengths, bins=min(bins, max(1, len(np.unique(self.lengths)))))
+        return [(int(edges[i]), int(edges[i + 1]), int(c)) for i, c in enumerate(counts)]
+
+    def format(self) -> str:
+        lines = [
+            f"recipe {self.recipe}: {self.total} samples, {len(self.bad)} bad "
+            f"(image tokens per image: {self.image_tokens}, max_length: {self.max_length})",
+            "",
+        ]
+        lines.append(
+            f"{'source':<32} {'format':<10} {'samples':>8} {'ok':>8} {'bad':>6} {'images':>8} {'text':>7} {'trunc':>6}"
+        )
+        for s in self.sources:
+            lines.append(
+                f"{s.name[:32]:<32} {s.format:<10} {s.selected:>8} {s.ok:>8} {s.bad:>6} "
+                f"{s.with_images:>8} {s.text_only:>7} {s.truncated:>6}"
+            )
+        if self.bad:
+            lines += ["", "bad samples by reason:"]
+            lines += [f"  {kind:<24} {n}" for kind, n in self.bad_kinds().most_common()]
+            lines += ["", "first bad samples:"]
+            for b in self.bad[:5]:
+                where = f"line {b['line']}" if b.get("line") is not None else f"index {b['index']}"
+                lines.append(f"  {b['source']} {where} id={b['id']!r}: [{b['kind']}] {b['reason']}")
+        if len(self.lengths):
+            p = np.percentile(self.lengths, [50, 90, 99])
+            lines += [
+                "",
+                f"token lengths (images expanded): min {self.lengths.min()}  p50 {p[0]:.0f}  "
+                f"p90 {p[1]:.0f}  p99 {p[2]:.0f}  max {self.lengths.max()}",
+            ]
+            over = int((self.full_lengths > self.lengths).sum())
+            if over:
+                lines.append(
+                    f"  {over} sample(s) longer than max_length={self.max_length} are truncated "
+                    f"(longest: {int(self.full_lengths.max())} tokens)"
+                )
+            hist = self.histogram()
+            top = max(c for _, _, c in hist) or 1
+            for lo, hi, c in hist:
+                lines.append(f"  {lo:>7}-{hi:<7} {c:>8}  {'#' * max(1 if c else 0, round(40 * c / top))}")
+        return "\n".join(lines)
+
+
+def check_recipe(
+    recipe: Recipe,
+    tokenizer,
+    image_tokens: int,
+    *,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> CheckReport:
+    """Read every selected sample and open every image it references; nothing is skipped silently."""
+    formats = [source_format(spec) for spec in recipe.sources]
+    if "webdataset" in formats:
+        res = _stream_scan(recipe, tokenizer, image_tokens, progress)
+    else:
+        reader = open_reader(recipe, tokenizer, image_tokens)
+        res = scan(
+            reader,
+            recipe_tasks(reader, seed),
+            check_images=True,
+            workers=workers,
+            progress=progress,
+            desc=f"checking {recipe.name}",
+        )
+    reports = [SourceReport(spec.name, fmt) for spec, fmt in zip(recipe.sources, formats, strict=True)]
+    good = res.length >= 0
+    for k, si in enumerate(res.source.tolist()):
+        r = reports[si]
+        r.selected += 1
+        if not good[k]:
+            r.bad += 1
+            continue
+        r.ok += 1
+        r.truncated += int(res.full_length[k] > res.length[k])
+        if res.has_image[k]:
+            r.with_images += 1
+        else:
+            r.text_only += 1
+    bad = [res.bad[k] for k in sorted(res.bad)]
+    return CheckReport(
+        recipe.name, image_tokens, recipe.max_length, reports, res.length[good], res.full_length[good], bad
+    )
+
+
+def write_bad_samples(report: CheckReport, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for b in report.bad:
+            f.write(json.dumps(b) + "\n")
+
+
+def _stream_scan(recipe: Recipe, tokenizer, image_tokens: int, progress: bool) -> ScanResult:
+    """The webdataset counterpart of `scan`: shards read in order, one process."""
+    if any(source_format(spec) != "webdataset" for spec in recipe.sources):
+        raise ValueError(f"recipe {recipe.name!r}: webdataset sources cannot be mixed with other formats")
+    encoder = ConversationEncoder(tokenizer, recipe.template, image_tokens, recipe.max_length)
+    rows, bad = [], {}
+    bar = tqdm(desc=f"checking {recipe.name}", unit="sample", disable=not progress, leave=False)
+    for si, spec in enumerate(recipe.sources):
+        for path in expand_shards(spec.path):
+            for n, (key, files) in enumerate(read_shard(path)):
+                try:
+                    sample = shard_sample(key, files, spec.prompt)
+                    if recipe.system_prompt and not any(m["role"] == "system" for m in sample.messages):
+                        sample.messages.insert(0, {"role": "system", "content": recipe.system_prompt})
+                    validate(sample)
+                    enc = encoder.encode_full(sample.messages)
+                    for ref in sample.images:
+                        open_image(ref, spec.image_root or recipe.image_root, recipe.max_image_pixels)
+                    rows.append((si, n, len(enc.input_ids), enc.full_length, enc.num_images > 0))
+                except BadSampleError as e:
+                    bad[len(rows)] = e.located(source=spec.name, index=n, line=None, sample_id=key).record()
+                    bad[len(rows)]["shard"] = path
+                    rows.append((si, n, -1, 0, False))
+                bar.update()
+    bar.close()
+    cols = list(zip(*rows, strict=True)) or [[]] * 5
+    return ScanResult(
+        np.array(cols[0], dtype=np.int64),
+        np.array(cols[1], dtype=np.int64),
+        np.array(cols[2], dtype=np.int64),
+        np.array(cols[3], dtype=np.int64),
+        np.array(cols[4], dtype=bool),
+        bad,
+    )

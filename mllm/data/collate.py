@@ -1,0 +1,48 @@
+"""`Collator`: dataset items → a right-padded batch, images concatenated in sample order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mllm.data.encode import IGNORE_INDEX
+
+
+class Collator:
+    """Pads `input_ids` with `pad_token_id` and `labels` with -100; drops `None` (skipped) items."""
+
+    def __init__(self, pad_token_id: int):
+        if pad_token_id is None or pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be a real token id, got {pad_token_id}")
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        items = [it for it in items if it is not None]
+        if not items:
+            return {
+                "input_ids": torch.zeros((0, 0), dtype=torch.long),
+                "attention_mask": torch.zeros((0, 0), dtype=torch.long),
+                "labels": torch.zeros((0, 0), dtype=torch.long),
+                "pixel_values": None,
+                "image_counts": torch.zeros(0, dtype=torch.long),
+                "sample_ids": [],
+            }
+        width = max(it["input_ids"].numel() for it in items)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = it["input_ids"].numel()
+            input_ids[b, :n] = it["input_ids"]
+            labels[b, :n] = it["labels"]
+            attention_mask[b, :n] = 1
+        pixels = [it["pixel_values"] for it in items if it["pixel_values"].shape[0] > 0]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pixels) if pixels else None,
+            "image_counts": torch.tensor([it["pixel_values"].shape[0] for it in items], dtype=torch.long),
+            "sample_ids": [it["id"] for it in items],
+        }

@@ -1,0 +1,77 @@
+"""Opening images safely: paths stay inside the image root, sizes are checked before decoding, EXIF is applied."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mllm.data.errors import BadSampleError
+from mllm.data.sample import ImageRef
+
+
+def resolve_image_path(root: str, ref: str) -> str:
+    """`ref` joined to `root`, refusing anything that would leave the root (`..`, outside absolute paths, symlinks)."""
+    if not ref or "\0" in ref:
+        raise BadSampleError("bad_image_path", f"invalid image path {ref!r}")
+    parts = ref.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise BadSampleError(
+            "unsafe_image_path", f"image path {ref!r} contains '..'; paths must stay inside image_root"
+        )
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(
+        os.path.join(real_root, ref)
+    )  # an absolute ref replaces the root here, then is checked
+    if os.path.commonpath([real_root, path]) != real_root:
+        raise BadSampleError(
+            "unsafe_image_path", f"image path {ref!r} resolves to {path}, outside image_root {real_root}"
+        )
+    return path
+
+
+def open_image(ref: ImageRef, root: str, max_pixels: int) -> Image.Image:
+    """An RGB image, upright per its EXIF orientation. Missing, unreadable or oversized → BadSampleError."""
+    if isinstance(ref, Image.Image):
+        return _finish(ref, max_pixels, "in-memory image")
+    if isinstance(ref, (bytes, bytearray)):
+        return _decode(io.BytesIO(ref), max_pixels, "image bytes")
+    if not isinstance(ref, str):
+        raise BadSampleError("bad_image_path", f"expected an image path or bytes, got {type(ref).__name__}")
+    path = resolve_image_path(root, ref)
+    if not os.path.isfile(path):
+        raise BadSampleError("missing_image", f"image {ref!r} not found (looked for {path})")
+    return _decode(path, max_pixels, ref)
+
+
+def _decode(fp, max_pixels: int, what: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # we enforce our own limit below; PIL's global one must not print warnings for sizes we accept
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            _check_size(img, max_pixels, what)
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise BadSampleError("oversized_image", f"{what}: {e}") from None
+    except BadSampleError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError("unreadable_image", f"{what}: cannot decode ({type(e).__name__}: {e})") from None
+    return _finish(img, max_pixels, what)
+
+
+def _check_size(img: Image.Image, max_pixels: int, what: str) -> None:
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadSampleError(
+            "oversized_image", f"{what}: {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels}"
+        )
+
+
+def _finish(img: Image.Image, max_pixels: int, what: str) -> Image.Image:
+    _check_size(img, max_pixels, what)
+    img = ImageOps.exif_transpose(img)
+    return img if img.mode == "RGB" else img.convert("RGB")

@@ -1,0 +1,162 @@
+"""`MixtureBatchSampler`: deterministic, resumable, distributed-aware micro-batches of dataset indices.
+
+Per epoch (a pure function of seed and epoch):
+1. draw len(dataset) indices: every sample once, or, when the recipe gives
+   source weights, each source's share in proportion to its weight (a source
+   is cycled through in shuffled passes when its share exceeds its size);
+2. split them into image and text-only pools (a batch never mixes the two);
+3. in each pool, shuffle, cut into mega-batches, sort each by exact length and
+   cut it into micro-batches (similar lengths → little padding);
+4. shuffle all micro-batches, put the longest first (out-of-memory shows at step 1),
+   pad the count to a multiple of world_size, and deal them out round-robin to ranks.
+The position inside the epoch is saved in `state_dict()`, so a resumed run
+continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+MEGABATCH_FACTOR = 64
+"""Mega-batch = this many micro-batches per rank: enough to group lengths, small enough to stay random."""
+
+
+class MixtureBatchSampler:
+    """Yields lists of dataset indices (one micro-batch for this rank per step)."""
+
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        group_by_length: bool = True,
+    ):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.lengths = np.asarray(dataset.lengths, dtype=np.int64)
+        self.has_image = np.asarray(dataset.has_image, dtype=bool)
+        self.source_of = np.asarray([it.source for it in dataset.items], dtype=np.int64)
+        self.weights = dataset.weights
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.group_by_length = group_by_length
+        self.epoch = 0
+        self.position = 0
+        """Micro-batches of this epoch already handed out on this rank."""
+        self.start_position = 0
+        """Where the current iteration (re)started: after a resume, batches before it were consumed earlier."""
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    # ---- the epoch's batches ----------------------------------------------------------------------
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        n = len(self.lengths)
+        if self.weights is None:
+            return np.arange(n)
+        w = np.asarray(self.weights, dtype=np.float64)
+        present = np.array([(self.source_of == s).any() for s in range(len(w))])
+        w = np.where(present, w, 0.0)
+        quota = _largest_remainder(n * w / w.sum())
+        out = []
+        for s, q in enumerate(quota):
+            pool = np.flatnonzero(self.source_of == s)
+            if q == 0:
+                continue
+            passes = -(-q // len(pool))
+            out.append(np.concatenate([rng.permutation(pool) for _ in range(passes)])[:q])
+        return np.concatenate(out)
+
+    def _pool_batches(self, pool: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+        mb = self.micro_batch_size
+        pool = rng.permutation(pool)
+        if not self.group_by_length:
+            return [pool[i : i + mb].tolist() for i in range(0, len(pool), mb)]
+        mega = mb * self.world_size * MEGABATCH_FACTOR
+        batches = []
+        for m in range(0, len(pool), mega):
+            chunk = pool[m : m + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + mb].tolist() for i in range(0, len(chunk), mb)]
+        return batches
+
+    def _global_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        drawn = self._draw(rng)
+        image = drawn[self.has_image[drawn]]
+        text = drawn[~self.has_image[drawn]]
+        batches = self._pool_batches(image, rng) + self._pool_batches(text, rng)
+        order = rng.permutation(len(batches))
+        batches = [batches[i] for i in order]
+        if self.group_by_length and batches:
+            longest = max(
+                range(len(batches)), key=lambda i: (int(self.lengths[batches[i]].max()), len(batches[i]))
+            )
+            batches.insert(0, batches.pop(longest))
+        short = -len(batches) % self.world_size
+        batches += [batches[i % len(batches)] for i in range(short)]  # every rank gets as many steps
+        return batches
+
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        """This rank's micro-batches of `epoch` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self._global_batches(epoch)[self.rank :: self.world_size])
+        return self._cache[1]
+
+    # ---- iteration and resumption -----------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning, unless it is the epoch a loaded state is in the middle of."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def __iter__(self):
+        batches = self.batches()
+        if self.position >= len(batches):  # the epoch was finished and no set_epoch came: go on with the next
+            self.epoch, self.position = self.epoch + 1, 0
+            batches = self.batches()
+        self.start_position = self.position
+        while self.position < len(batches):
+            self.position += 1
+            yield batches[self.position - 1]
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """The exact position. With a prefetching DataLoader pass `consumed`: micro-batches of this epoch
+        actually trained on (counted from the epoch's start, i.e. `start_position` + steps since iterating)."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position if consumed is None else consumed,
+            "seed": self.seed,
+            "micro_batch_size": self.micro_batch_size,
+            "world_size": self.world_size,
+            "num_samples": len(self.lengths),
+            "group_by_length": self.group_by_length,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "micro_batch_size", "world_size", "num_samples", "group_by_length"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"cannot resume the data sampler: {key} was {state.get(key)} and is now {mine[key]}; "
+                    "the same data, seed, micro-batch size and world size are needed to continue with the same batches"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _largest_remainder(shares: np.ndarray) -> list[int]:
+    """Integers summing to round(sum(shares)), each floor or ceil of its share."""
+    base = np.floor(shares).astype(np.int64)
+    left = int(round(shares.sum())) - int(base.sum())
+    for i in np.argsort(-(shares - base), kind="stable")[:left]:
+        base[i] += 1
+    return base.tolist()

@@ -1,0 +1,71 @@
+"""Samples as the model sees them: decoded tokens, image runs collapsed, supervised spans marked."""
+
+from __future__ import annotations
+
+from mllm.config import IMAGE_TOKEN_ID
+from mllm.data.dataset import open_reader, recipe_tasks
+from mllm.data.encode import IGNORE_INDEX
+from mllm.data.errors import BadSampleError
+from mllm.data.recipe import Recipe
+
+OPEN, CLOSE = "[[", "]]"
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def render_tokens(tokenizer, ids: list[int], labels: list[int], color: bool = False) -> str:
+    """Text of `ids` with `<image×K>` for image runs and supervised runs wrapped in [[ ]] (or green)."""
+    out, run, run_sup = [], [], None
+
+    def flush():
+        if run:
+            text = tokenizer.decode(run)
+            out.append((GREEN + text + RESET if color else OPEN + text + CLOSE) if run_sup else text)
+            run.clear()
+
+    k = 0
+    while k < len(ids):
+        if ids[k] == IMAGE_TOKEN_ID:
+            flush()
+            n = 0
+            while k < len(ids) and ids[k] == IMAGE_TOKEN_ID:
+                n, k = n + 1, k + 1
+            out.append(f"<image×{n}>")
+            continue
+        sup = labels[k] != IGNORE_INDEX
+        if sup != run_sup:
+            flush()
+            run_sup = sup
+        run.append(ids[k])
+        k += 1
+    flush()
+    return "".join(out)
+
+
+def show_samples(
+    recipe: Recipe,
+    tokenizer,
+    image_tokens: int,
+    n: int = 3,
+    start: int = 0,
+    seed: int = 0,
+    color: bool = False,
+) -> str:
+    reader = open_reader(recipe, tokenizer, image_tokens)
+    tasks = recipe_tasks(reader, seed)[start : start + n]
+    blocks = []
+    for si, idx in tasks:
+        src = reader.sources[si]
+        where = f"{src.name} " + (f"line {src.line(idx)}" if src.line(idx) is not None else f"index {idx}")
+        try:
+            sample, enc = reader.encode(si, idx)
+        except BadSampleError as e:
+            blocks.append(f"=== {where}: BAD {reader.locate(e, si, idx)}")
+            continue
+        supervised = sum(lab != IGNORE_INDEX for lab in enc.labels)
+        head = (
+            f"=== {where} id={sample.id!r}: {len(enc.input_ids)} tokens, {supervised} supervised, "
+            f"{enc.num_images} image(s){f' (truncated from {enc.full_length})' if enc.truncated else ''}"
+        )
+        blocks.append(head + "\n" + render_tokens(tokenizer, enc.input_ids, enc.labels, color))
+    legend = "supervised tokens in green" if color else f"supervised tokens inside {OPEN} {CLOSE}"
+    return f"recipe {recipe.name} (template {recipe.template}); {legend}\n\n" + "\n\n".join(blocks)

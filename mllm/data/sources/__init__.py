@@ -1,0 +1,66 @@
+"""Data source formats: one small file each, one registry line each; `auto` picks the format from the file.
+
+Map-style (random access, exact lengths up front): llava, messages, captions,
+parquet, hf. Streamed: webdataset (see `mllm.data.streaming`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from mllm.data.recipe import SourceSpec
+from mllm.data.sources.base import Source
+from mllm.data.sources.captions import CaptionSource
+from mllm.data.sources.llava import LlavaSource
+from mllm.data.sources.messages import MessagesSource
+from mllm.data.sources.records import first_record
+from mllm.data.sources.table import HFDiskSource, ParquetSource
+from mllm.data.sources.webdataset import is_webdataset
+from mllm.registry import Registry
+
+SOURCES: Registry = Registry("data source format")
+SOURCES.register("llava")(LlavaSource)
+SOURCES.register("messages")(MessagesSource)
+SOURCES.register("captions")(CaptionSource)
+SOURCES.register("parquet")(ParquetSource)
+SOURCES.register("hf")(HFDiskSource)
+
+STREAMING_FORMATS = ("webdataset",)
+ALL_FORMATS = (*SOURCES.names(), *STREAMING_FORMATS)
+
+
+def detect_format(path: str) -> str:
+    """The format of the data at `path`: a registered source whose `detect` accepts it, or `webdataset`."""
+    if is_webdataset(path):
+        return "webdataset"
+    first = first_record(path) if path.endswith((".json", ".jsonl")) and os.path.isfile(path) else None
+    for name in SOURCES.names():
+        if SOURCES.get(name).detect(path, first):
+            return name
+    keys = sorted(first) if isinstance(first, dict) else None
+    raise ValueError(
+        f"{path}: cannot tell the data format{f' from record keys {keys}' if keys else ''}; "
+        f"set `format:` to one of {', '.join(ALL_FORMATS)}"
+    )
+
+
+def source_format(spec: SourceSpec) -> str:
+    if spec.format != "auto" and spec.format not in ALL_FORMATS:
+        raise KeyError(f"unknown data source format {spec.format!r}; known: {', '.join(ALL_FORMATS)}")
+    return detect_format(spec.path) if spec.format == "auto" else spec.format
+
+
+def open_source(spec: SourceSpec) -> Source:
+    """Open a random-access source a recipe entry names (the data must exist)."""
+    if not os.path.exists(spec.path) and not is_webdataset(spec.path):
+        raise FileNotFoundError(f"data source {spec.name!r}: {spec.path} does not exist")
+    fmt = source_format(spec)
+    if fmt in STREAMING_FORMATS:
+        raise ValueError(
+            f"data source {spec.name!r} is {fmt} shards, which stream without random access: "
+            "build it with mllm.data.build_streaming_dataset (all sources of the recipe must be webdataset)"
+        )
+    return SOURCES.get(fmt)(spec)
+
+
+__all__ = ["ALL_FORMATS", "SOURCES", "Source", "detect_format", "open_source", "source_format"]

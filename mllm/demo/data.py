@@ -1,0 +1,164 @@
+"""Write the demo data as LLaVA-format JSON: stage-1 captions, stage-2 questions, held-out test questions.
+
+Layout under the output folder (the shipped `data_recipes/demo_*.yaml` recipes
+name these files relative to their own folder):
+
+    images/train/<id>.png, images/test/<id>.png
+    stage1.json   one caption per training image        ("A blue triangle.")
+    stage2.json   one question per sample, train split   (yes/no balanced per wording)
+    test.json     questions of held-out test images, each with its `question_type`
+    test_captions.json  captions of those test images (checks what stage 1 learned)
+    manifest.json what was built, from what, with which settings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+from mllm.config import IMAGE_PLACEHOLDER
+from mllm.demo.easy_vqa import Annotation, Question, annotate, image_paths, load_questions
+
+CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass
+class DemoData:
+    """How much of easy-VQA the demo uses."""
+
+    train_images: int = 4000
+    """Training images (of 4,000), drawn at random; stage 1 and stage 2 both use these."""
+    test_questions: int = 1000
+    """At least this many held-out questions, all questions of as many test images as that takes."""
+    balance_yes_no: bool = True
+    """Equal yes and no answers for each wording kind (negated or not × asks colour or shape), so that the
+    wording alone cannot answer a training question: easy-VQA's raw "is there a red shape?" is "no" 88% of the time."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.train_images <= 4000:
+            raise ValueError(f"train_images must be in 1..4000, got {self.train_images}")
+        if not 1 <= self.test_questions <= 9673:
+            raise ValueError(f"test_questions must be in 1..9673, got {self.test_questions}")
+
+
+def build_demo_data(out: str, cfg: DemoData) -> dict:
+    """Write the files above into `out`; returns the manifest (counts per file and per question type)."""
+    rng = random.Random(cfg.seed)
+    train_q = load_questions("train")
+    notes = annotate(train_q)
+    train_ids = sorted(rng.sample(sorted(notes), cfg.train_images))
+    chosen = set(train_ids)
+    train_q = [q for q in train_q if q.image_id in chosen]
+    all_test_q = load_questions("test")
+    test_q = _held_out(all_test_q, cfg.test_questions, rng)
+    test_ids = sorted({q.image_id for _, q in test_q})
+    test_notes = annotate([q for q in all_test_q if q.image_id in set(test_ids)])
+
+    os.makedirs(out, exist_ok=True)
+    stage1 = [_caption_sample(i, notes[i]) for i in train_ids if notes[i].complete]
+    stage2 = [_qa_sample(f"train-q{n}", q, "train") for n, q in _stage2_questions(train_q, cfg, rng)]
+    rng.shuffle(stage2)
+    test = [_qa_sample(f"test-q{n}", q, "test") | {"question_type": q.type} for n, q in test_q]
+    test_captions = [_caption_sample(i, test_notes[i], "test") for i in test_ids if test_notes[i].complete]
+    _copy_images("train", train_ids, out)
+    _copy_images("test", test_ids, out)
+    manifest = {
+        "source": "easy-vqa (PyPI)",
+        "settings": asdict(cfg),
+        "stage1": {"samples": len(stage1), "images_without_full_annotation": len(train_ids) - len(stage1)},
+        "stage2": _counts(stage2),
+        "test": _counts(test) | {"images": len(test_ids)},
+        "test_captions": {"samples": len(test_captions)},
+    }
+    files = {"stage1.json": stage1, "stage2.json": stage2, "test.json": test, "test_captions.json": test_captions}
+    for name, rows in (*files.items(), ("manifest.json", manifest)):
+        _write_json(os.path.join(out, name), rows)
+    return manifest
+
+
+def _held_out(questions: list[Question], at_least: int, rng: random.Random) -> list[tuple[int, Question]]:
+    """All questions (with their index in the split) of random test images, until there are `at_least`.
+
+    Whole images, not scattered questions: the frozen tower then encodes ~100 images, not ~1,000.
+    """
+    by_image: dict[int, list[tuple[int, Question]]] = defaultdict(list)
+    for n, q in enumerate(questions):
+        by_image[q.image_id].append((n, q))
+    picked: list[tuple[int, Question]] = []
+    for image_id in rng.sample(sorted(by_image), len(by_image)):
+        if len(picked) >= at_least:
+            break
+        picked.extend(by_image[image_id])
+    return picked
+
+
+def _stage2_questions(questions: list[Question], cfg: DemoData, rng: random.Random) -> list[tuple[int, Question]]:
+    indexed = list(enumerate(questions))
+    if not cfg.balance_yes_no:
+        return indexed
+    groups: dict[tuple, list[tuple[int, Question]]] = defaultdict(list)
+    kept = []
+    for n, q in indexed:
+        if q.type == "yes/no":
+            groups[(q.negated, q.asks_about, q.answer)].append((n, q))
+        else:
+            kept.append((n, q))
+    for negated in (False, True):
+        for about in ("color", "shape"):
+            yes, no = groups[(negated, about, "yes")], groups[(negated, about, "no")]
+            k = min(len(yes), len(no))
+            kept += rng.sample(yes, k) + rng.sample(no, k)
+    return sorted(kept, key=lambda item: item[0])
+
+
+def _image_path(split: str, image_id: int) -> str:
+    return f"images/{split}/{image_id}.png"
+
+
+def _caption_sample(image_id: int, note: Annotation, split: str = "train") -> dict:
+    return {
+        "id": f"{split}-img{image_id}",
+        "image": _image_path(split, image_id),
+        "conversations": [
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{CAPTION_PROMPT}"},
+            {"from": "gpt", "value": note.caption()},
+        ],
+    }
+
+
+def _qa_sample(sample_id: str, q: Question, split: str) -> dict:
+    turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q.question}"}, {"from": "gpt", "value": q.answer}]
+    return {"id": sample_id, "image": _image_path(split, q.image_id), "conversations": turns}
+
+
+def _copy_images(split: str, image_ids: list[int], out: str) -> None:
+    paths = image_paths(split)
+    os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+    for i in image_ids:
+        dst = os.path.join(out, _image_path(split, i))
+        if not os.path.exists(dst):
+            shutil.copyfile(paths[i], dst)
+
+
+def _counts(samples: list[dict]) -> dict:
+    from mllm.demo.easy_vqa import question_type
+
+    by_type: dict[str, int] = defaultdict(int)
+    answers: dict[str, int] = defaultdict(int)
+    for s in samples:
+        answer = s["conversations"][-1]["value"]
+        by_type[question_type(answer)] += 1
+        answers[answer] += 1
+    return {"samples": len(samples), "by_type": dict(sorted(by_type.items())), "answers": dict(sorted(answers.items()))}
+
+
+def _write_json(path: str, data) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,236 @@
+"""The demo, phase by phase: fetch backbones → build data → stage 1 → stage 2 → evaluate (+ blind) → report.
+
+Every training and evaluation phase is the command a user would type
+(`python -m mllm train --stage 1 …`, `python -m mllm eval …`), run as a child
+process: the demo proves the normal code path, not a shortcut beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mllm.demo.data import build_demo_data
+from mllm.demo.easy_vqa import QUESTION_TYPES
+from mllm.demo.settings import DemoSettings
+
+LLM_NAME = "smollm2-135m-instruct"
+RECIPES = ("demo_stage1.yaml", "demo_stage2.yaml", "demo_test.yaml", "demo_test_captions.yaml")
+
+
+class DemoError(RuntimeError):
+    """A phase failed; the message names the phase, its command and its log."""
+
+
+def default_backbones_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mllm", "backbones")
+
+
+def shipped_recipes_dir() -> Path:
+    """`data_recipes/` of the source tree this package runs from."""
+    folder = Path(__file__).resolve().parents[2] / "data_recipes"
+    missing = [name for name in RECIPES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the demo recipes {missing} are not in {folder}; run the demo from an mllm source checkout")
+    return folder
+
+
+class Demo:
+    """One demo run into `output`; `run()` returns the results dict also written to results.json."""
+
+    def __init__(self, output: str, settings: DemoSettings, backbones: str | None = None, stream: bool = True):
+        self.out = Path(output).resolve()
+        self.settings = settings
+        self.backbones = Path(backbones or default_backbones_dir()).resolve()
+        self.stream = stream
+        """True: children print to this terminal (their progress bars); False: only to logs/<phase>.log."""
+        self.seconds: dict[str, float] = {}
+
+    @property
+    def data_dir(self) -> Path:
+        return self.out / "data"
+
+    def run(self) -> dict:
+        start = time.monotonic()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with self.phase("fetch"):
+            llm = self.fetch_llm()
+        with self.phase("data"):
+            manifest = self.build_data()
+        with self.phase("stage1"):
+            self.train(1, llm)
+        with self.phase("eval_stage1"):
+            captions = self.evaluate("stage1", "demo_test_captions.yaml", "eval_stage1")
+        with self.phase("stage2"):
+            self.train(2, llm)
+        with self.phase("eval"):
+            seen = self.evaluate("stage2", "demo_test.yaml", "eval")
+        with self.phase("eval_blind"):
+            blind = self.evaluate("stage2", "demo_test.yaml", "eval_blind", swap_images=True)
+        results = self.results(captions, seen, blind, manifest, time.monotonic() - start)
+        (self.out / "results.json").write_text(json.dumps(results, indent=2))
+        print(format_report(results))
+        return results
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        print(f"[demo] {name} …", flush=True)
+        start = time.monotonic()
+        yield
+        self.seconds[name] = round(time.monotonic() - start, 1)
+        print(f"[demo] {name} done in {self.seconds[name]:.1f} s", flush=True)
+
+    def fetch_llm(self) -> str:
+        from mllm.backbones.fetch import fetch
+
+        return fetch(LLM_NAME, str(self.backbones / LLM_NAME))
+
+    def build_data(self) -> dict:
+        manifest = build_demo_data(str(self.data_dir), self.settings.data)
+        recipes = shipped_recipes_dir()
+        for name in RECIPES:  # the shipped recipes name their files relative to their own folder
+            shutil.copyfile(recipes / name, self.data_dir / name)
+        return manifest
+
+    def train(self, stage: int, llm: str) -> None:
+        out = self.out / f"stage{stage}"
+        if out.exists():  # a demo run starts its stages over; resuming belongs to `mllm train`
+            shutil.rmtree(out)
+        self.execute(f"stage{stage}", train_command(stage, self.settings, llm, self.data_dir, self.out))
+
+    def evaluate(self, stage_dir: str, recipe: str, name: str, swap_images: bool = False) -> dict:
+        cmd = [sys.executable, "-m", "mllm", "eval", str(self.out / stage_dir), "--data", str(self.data_dir / recipe)]
+        cmd += ["--output", str(self.out / name), "--batch-size", str(self.settings.eval_batch_size), "--max-new-tokens", "8"]
+        if swap_images:
+            cmd += ["--swap-images", "--seed", str(self.settings.seed)]
+        self.execute(name, cmd)
+        return json.loads((self.out / name / "scores.json").read_text())
+
+    def execute(self, name: str, cmd: list[str]) -> None:
+        logs = self.out / "logs"
+        logs.mkdir(exist_ok=True)
+        log_path = logs / f"{name}.log"
+        with open(log_path, "w") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in proc.stdout:
+                log.write(line)
+                if self.stream:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            code = proc.wait()
+        if code != 0:
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+            raise DemoError(f"phase {name} failed (exit {code}); full log: {log_path}\n$ {shlex.join(cmd)}\n{tail}")
+
+    def results(self, captions: dict, seen: dict, blind: dict, manifest: dict, seconds: float) -> dict:
+        stage1 = _summary(self.out / "stage1")
+        stage2 = _summary(self.out / "stage2")
+        by_type = {}
+        for kind in QUESTION_TYPES:
+            s, b = seen.get("per_type", {}).get(kind), blind.get("per_type", {}).get(kind)
+            if s is not None:
+                by_type[kind] = {"accuracy": s["vqa_accuracy"], "blind_accuracy": b["vqa_accuracy"], "n": s["n"]}
+        example = json.loads((self.data_dir / "test.json").read_text())[0]["image"]
+        return {
+            "stage1": {
+                "caption_accuracy": captions["vqa_accuracy"],
+                "n": captions["n"],
+                "steps": stage1["step"],
+                "first_loss": stage1["first_loss"],
+                "final_loss": stage1["final_loss"],
+            },
+            "stage2": {
+                "accuracy": seen["vqa_accuracy"],
+                "blind_accuracy": blind["vqa_accuracy"],
+                "by_type": by_type,
+                "n": seen["n"],
+                "steps": stage2["step"],
+                "first_loss": stage2["first_loss"],
+                "final_loss": stage2["final_loss"],
+            },
+            "seconds": round(seconds, 1),
+            "visual_tokens": _visual_tokens(self.settings),
+            "phases": self.seconds,
+            "data": manifest,
+            "settings": self.settings.to_dict(),
+            "checkpoint": str(self.out / "stage2"),
+            "chat_command": chat_command(self.out / "stage2", self.data_dir / example),
+        }
+
+
+def train_command(stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Path) -> list[str]:
+    """The `mllm train` command line of one stage (what a user would type)."""
+    st = s.stage1 if stage == 1 else s.stage2
+    cmd = [sys.executable, "-m", "mllm", "train", "--stage", str(stage)]
+    if stage == 1:
+        from mllm.vision.efficientnet import default_weights_path
+
+        cmd += ["--vision", default_weights_path(), "--vision-kind", "efficientnet-lite0", "--vision-pool", str(s.pool())]
+        cmd += ["--connector", s.connector, "--num-queries", str(s.num_queries)]
+    else:
+        cmd += ["--init-from", str(out / "stage1"), "--llm-mode", "lora", "--lora-r", str(s.lora_r)]
+        cmd += ["--lora-alpha", str(s.lora_alpha), "--lora-dropout", str(s.lora_dropout)]
+        cmd += ["--connector-lr", str(st.connector_lr or st.lr)]
+    cmd += ["--llm", llm, "--data", str(data_dir / f"demo_stage{stage}.yaml"), "--output", str(out / f"stage{stage}")]
+    cmd += ["--max-steps", str(st.steps), "--micro-batch-size", str(st.micro_batch_size), "--grad-accum", str(st.grad_accum)]
+    cmd += ["--lr", str(st.lr), "--warmup-ratio", str(st.warmup_ratio), "--seed", str(s.seed)]
+    cmd += ["--save-every", "0", "--resume", "no", "--num-workers", "1"]
+    return cmd
+
+
+def chat_command(checkpoint: Path, image: Path) -> str:
+    return shlex.join(["mllm", "chat", _short(checkpoint), "--image", _short(image)])
+
+
+def _short(path: Path) -> str:
+    """Relative to the working directory when below it: the printed commands stay copy-pasteable and short."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _visual_tokens(s: DemoSettings) -> int:
+    side = -(-7 // s.pool())  # EfficientNet-Lite0's 7×7 grid, pooled with ceil
+    return side * side if s.connector == "mlp" else s.num_queries
+
+
+def _summary(stage_dir: Path) -> dict:
+    path = stage_dir / "summary.json"
+    if not path.is_file():
+        raise DemoError(f"{stage_dir}: training finished without summary.json")
+    return json.loads(path.read_text())
+
+
+def format_report(r: dict) -> str:
+    """The results table, the time per phase and the chat command."""
+    s2, s1, st = r["stage2"], r["stage1"], r["settings"]
+    lines = [
+        "",
+        f"mllm demo ({st['schedule']}): EfficientNet-Lite0 + SmolLM2-135M-Instruct, connector {st['connector']} "
+        f"({r['visual_tokens']} visual tokens), "
+        f"LoRA r={st['lora_r']}; easy-VQA held-out test questions",
+        f"{'':<10} {'n':>6} {'accuracy':>9} {'blind':>9} {'gap':>7}",
+    ]
+    rows = [("overall", {"n": s2["n"], "accuracy": s2["accuracy"], "blind_accuracy": s2["blind_accuracy"]})]
+    rows += list(s2["by_type"].items())
+    for name, v in rows:
+        gap = v["accuracy"] - v["blind_accuracy"]
+        lines.append(f"{name:<10} {v['n']:>6} {v['accuracy']:>8.1f}% {v['blind_accuracy']:>8.1f}% {gap:>+6.1f}")
+    lines.append("blind = the same model with each test image replaced by another test image (mllm eval --swap-images)")
+    lines.append(f"stage 1: held-out captions exactly right {s1['caption_accuracy']:.1f}% (n={s1['n']})")
+    phases = " | ".join(f"{k} {v:.0f}s" for k, v in r["phases"].items())
+    lines.append(f"time: {phases} | total {r['seconds'] / 60:.1f} min")
+    lines.append(f"chat with it: {r['chat_command']}")
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""The demo's schedules (quick | default | full) and per-connector settings, as typed dataclasses.
+
+Every number the demo trains with lives here and is written into results.json,
+so a result always says what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from mllm.demo.data import DemoData
+
+CONNECTORS = ("mlp", "qformer", "resampler")
+
+
+@dataclass
+class StageSettings:
+    """One training stage, as `mllm train` options."""
+
+    steps: int
+    micro_batch_size: int
+    lr: float
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    connector_lr: float = 0.0
+    """Stage 2: the connector's own peak learning rate (0 = `lr`)."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.micro_batch_size < 1 or self.grad_accum < 1 or not self.lr > 0:
+            raise ValueError(f"a stage needs steps, micro_batch_size, grad_accum >= 1 and lr > 0: {self}")
+
+
+@dataclass
+class DemoSettings:
+    """A whole demo run: data sizes, model shape, the two stages, evaluation."""
+
+    schedule: str
+    connector: str = "mlp"
+    data: DemoData = field(default_factory=DemoData)
+    vision_pool: int = 3
+    """`mlp`: average-pool EfficientNet's 7×7 grid by 3 → 3×3 = 9 visual tokens per image."""
+    num_queries: int = 9
+    """`qformer` / `resampler`: learned queries = visual tokens per image (they read all 49 patches)."""
+    stage1: StageSettings = field(default_factory=lambda: StageSettings(steps=150, micro_batch_size=32, lr=2e-3))
+    stage2: StageSettings = field(default_factory=lambda: StageSettings(steps=400, micro_batch_size=16, lr=1e-3, connector_lr=1e-3))
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    eval_batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"demo connector must be one of {CONNECTORS}, got {self.connector!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def pool(self) -> int:
+        """The tower's pooling: the mlp projector maps each pooled patch to a token; the query connectors read all 49."""
+        return self.vision_pool if self.connector == "mlp" else 1
+
+
+def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSettings:
+    """The named schedule: `quick` (CI: minutes, any accuracy), `default` (≤ 20 min on 2 CPU cores), `full` (longer)."""
+    if schedule == "quick":
+        return DemoSettings(
+            schedule,
+            connector,
+            data=DemoData(train_images=24, test_questions=24),
+            stage1=StageSettings(steps=2, micro_batch_size=4, lr=2e-3),
+            stage2=StageSettings(steps=2, micro_batch_size=4, lr=1e-3, connector_lr=1e-3),
+            lora_r=4,
+            lora_alpha=8,
+            eval_batch_size=16,
+        )
+    if schedule == "default":
+        return DemoSettings(schedule, connector, data=DemoData(train_images=1000, test_questions=1000))
+    if schedule == "full":
+        return DemoSettings(
+            schedule,
+            connector,
+            data=DemoData(train_images=4000, test_questions=2000),
+            stage1=StageSettings(steps=600, micro_batch_size=32, lr=2e-3),
+            stage2=StageSettings(steps=3000, micro_batch_size=16, lr=1e-3, connector_lr=1e-3),
+        )
+    raise ValueError(f"demo schedule must be quick|default|full, got {schedule!r}")

@@ -1,0 +1,44 @@
+"""Inference: load a checkpoint with its processor, generate (batched, streamed), chat sessions."""
+
+from __future__ import annotations
+
+import os
+
+from mllm.inference.generate import SamplingConfig, StreamPrinter, generate, generate_batch
+from mllm.inference.images import ImageError, load_image
+from mllm.inference.processor import Conversation, Processor
+from mllm.inference.session import ChatSession
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: str | None = None,
+    device: str | None = None,
+    load_4bit: bool = False,
+    full_precision_base: bool = False,
+):
+    """A checkpoint (or a training output directory: its newest complete checkpoint) → `(model, processor)`.
+
+    The processor carries the checkpoint's saved config as `processor.config`. `full_precision_base`: a
+    QLoRA checkpoint's adapters go on the unquantised base (for merging and export).
+    """
+    from mllm.checkpoint import load_checkpoint
+
+    model, config = load_checkpoint(
+        path, dtype=dtype, device=device, load_4bit=load_4bit, full_precision_base=full_precision_base
+    )
+    return model, Processor.from_checkpoint(model, config)
+
+
+__all__ = [
+    "ChatSession",
+    "Conversation",
+    "ImageError",
+    "Processor",
+    "SamplingConfig",
+    "StreamPrinter",
+    "generate",
+    "generate_batch",
+    "load_image",
+    "load_pretrained",
+]

@@ -1,0 +1,124 @@
+"""Generation with the LLM's own `generate`: visual tokens spliced into `inputs_embeds`, KV cache, left-padded batches.
+
+Temperature 0 means greedy decoding. Streaming uses transformers' streamers (`TextStreamer` and friends).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+import torch
+from PIL import Image
+from transformers import TextStreamer
+
+from mllm.inference.processor import Conversation, Message, Processor
+
+
+@dataclass
+class SamplingConfig:
+    """How new tokens are chosen."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    """0 = greedy (deterministic); > 0 samples from the softened distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (sampling only)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None}
+
+
+class StreamPrinter(TextStreamer):
+    """Writes each finished piece of text to `out` as soon as it is decoded (prompt skipped)."""
+
+    def __init__(self, tokenizer, out: TextIO | None = None):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out or sys.stdout
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text)
+        if stream_end:
+            self.out.write("\n")
+        self.out.flush()
+
+
+def stop_token_ids(model, processor: Processor) -> list[int]:
+    """End-of-turn ids: the template's and tokenizer's, plus whatever the LLM's generation config declares."""
+    ids = set(processor.stop_token_ids())
+    declared = model.llm.generation_config.eos_token_id
+    ids.update(declared if isinstance(declared, list) else [declared])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model,
+    processor: Processor,
+    conversations: list[Conversation],
+    sampling: SamplingConfig | None = None,
+    streamer=None,
+) -> list[str]:
+    """Answer each conversation (one batch, left-padded); returns the decoded new text per conversation."""
+    sampling = sampling or SamplingConfig()
+    if streamer is not None and len(conversations) != 1:
+        raise ValueError("streaming needs a batch of one conversation")
+    batch = processor(conversations)
+    device = next(model.llm.parameters()).device
+    pixel_values = batch["pixel_values"]
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+    input_ids = batch["input_ids"].to(device)
+    embeds = model.embed(input_ids, pixel_values, batch["image_counts"])  # [B, T, D]
+    new_ids = model.llm.generate(
+        inputs_embeds=embeds,
+        attention_mask=batch["attention_mask"].to(device),
+        max_new_tokens=sampling.max_new_tokens,
+        use_cache=True,  # training turns the cache off in the LLM config; generation wants it
+        pad_token_id=processor.pad_token_id,
+        eos_token_id=stop_token_ids(model, processor),
+        streamer=streamer,
+        **sampling.generate_kwargs(),
+    )  # [B, new]: with inputs_embeds only, generate returns just the continuation
+    return [t.strip() for t in processor.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+
+
+def generate(
+    model,
+    processor: Processor,
+    images: list[Image.Image | str | os.PathLike] | None,
+    messages: list[Message] | str,
+    sampling: SamplingConfig | None = None,
+    streamer=None,
+) -> str:
+    """Answer one conversation. `messages` may be a plain prompt; its images then go before it."""
+    conv = (
+        Conversation.single(messages, images)
+        if isinstance(messages, str)
+        else Conversation(messages, list(images or []))
+    )
+    return generate_batch(model, processor, [conv], sampling, streamer)[0]
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

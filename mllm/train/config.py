@@ -1,0 +1,299 @@
+"""The run configuration: one typed dataclass, stage presets, YAML files and command-line overrides.
+
+Every field is one option. The command line is derived from the fields
+(`micro_batch_size` → `--micro-batch-size`), a YAML file may set any of them,
+and the command line wins over the file, which wins over the stage preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mllm.config import ConnectorConfig, LLMConfig, LoraSettings, ModelConfig, VisionConfig
+
+
+@dataclass
+class TrainConfig:
+    """A training run (stage 1 alignment or stage 2 instruction tuning)."""
+
+    stage: int = 1
+    """1 = align the connector on caption data; 2 = instruction-tune connector + LLM."""
+    vision: str = ""
+    """Vision tower: HF model id or directory (taken from --init-from when empty in stage 2)."""
+    vision_kind: str = "hf"
+    """Vision tower implementation from the `mllm.vision` registry (`hf`, `efficientnet-lite0`)."""
+    vision_feature_layer: int = -2
+    """Hidden-state layer of the vision tower that feeds the connector."""
+    vision_pool: int = 1
+    """Average-pool the patch grid by this factor per side (fewer visual tokens)."""
+    train_vision: bool = False
+    """Also train the vision tower (frozen unless asked)."""
+    llm: str = ""
+    """Causal LM: HF model id or directory (taken from --init-from when empty in stage 2)."""
+    llm_mode: Literal["frozen", "full", "lora", "qlora"] = "frozen"
+    """How the LLM trains: frozen (stage 1), full, lora, or qlora (4-bit NF4 base + LoRA)."""
+    lora_r: int = 128
+    """LoRA rank."""
+    lora_alpha: int = 256
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    """LLM module names to adapt; `all-linear` = every linear layer but the head."""
+    connector: str = "mlp"
+    """Connector kind from the `mllm.connectors` registry: mlp, qformer, resampler."""
+    projector: str = "mlp2x_gelu"
+    """For the mlp connector: `linear` or `mlpNx_gelu`."""
+    num_queries: int = 32
+    """For qformer / resampler: learned queries = visual tokens per image."""
+    data: str = ""
+    """Data recipe (YAML) or a LLaVA-format .json / .jsonl file."""
+    template: str = ""
+    """Chat template override (empty = the recipe's)."""
+    max_length: int = 0
+    """Token budget per sample override (0 = the recipe's)."""
+    output: str = ""
+    """Output directory: checkpoints, metrics.jsonl, TensorBoard events, run_config.yaml, curves."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = as many as --epochs take."""
+    epochs: float = 1.0
+    """Passes over the data when --max-steps is 0."""
+    micro_batch_size: int = 16
+    """Samples per process per forward pass."""
+    grad_accum: int = 0
+    """Micro-batches accumulated per optimizer step; 0 = reach --global-batch-size."""
+    global_batch_size: int = 256
+    """Samples per optimizer step over all processes, used only when --grad-accum is 0."""
+    lr: float = 1e-3
+    """Peak learning rate (of the LLM in stage 2; of the connector in stage 1)."""
+    connector_lr: float = 0.0
+    """Peak learning rate of the connector in stage 2; 0 = --lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up: cosine to 0, linear to 0, or constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    grad_checkpointing: bool = False
+    """Recompute LLM activations in the backward pass (less memory, ~30% slower)."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype: bf16 where the hardware runs it fast, else fp32."""
+    seed: int = 0
+    """Seeds the connector initialisation, data order and dropout."""
+    save_every: int = 500
+    """Checkpoint every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Keep the newest K checkpoints (0 = keep all)."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint in --output if any; `latest`: must continue;
+    `no`: start over; or a checkpoint directory. `--resume` alone = latest."""
+    init_from: str = ""
+    """Stage 2: a stage-1 output directory or checkpoint whose connector starts this run."""
+    zero: str = ""
+    """DeepSpeed config JSON (zero_configs/z2.json, z3.json, z3_offload.json); empty = built-in ZeRO-2."""
+    num_workers: int = 2
+    """DataLoader worker processes that load and preprocess images ahead of the step."""
+    log_every: int = 1
+    """Refresh the progress bar every N steps (metrics.jsonl always gets every step)."""
+
+    def __post_init__(self):
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [m for m in self.lora_target_modules.split(",") if m]
+        checks = [
+            (self.stage in (1, 2), f"stage must be 1 or 2, got {self.stage}"),
+            (
+                self.llm_mode in ("frozen", "full", "lora", "qlora"),
+                f"llm_mode must be frozen|full|lora|qlora, got {self.llm_mode!r}",
+            ),
+            (
+                self.schedule in ("cosine", "linear", "constant"),
+                f"schedule must be cosine|linear|constant, got {self.schedule!r}",
+            ),
+            (
+                self.dtype in ("auto", "bf16", "fp32"),
+                f"dtype must be auto|bf16|fp32 (fp16 needs loss scaling), got {self.dtype!r}",
+            ),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (
+                self.grad_accum >= 0 and self.global_batch_size >= 1,
+                "grad_accum must be >= 0 and global_batch_size >= 1",
+            ),
+            (self.max_steps >= 0 and self.epochs > 0, "max_steps must be >= 0 and epochs > 0"),
+            (self.lr > 0 and self.connector_lr >= 0, "lr must be > 0 and connector_lr >= 0"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
+            (self.save_every >= 0 and self.keep_last >= 0, "save_every and keep_last must be >= 0"),
+            (self.log_every >= 1 and self.num_workers >= 0, "log_every must be >= 1 and num_workers >= 0"),
+            (
+                self.lora_r >= 1 and 0 <= self.lora_dropout < 1,
+                "lora_r must be >= 1 and lora_dropout in [0, 1)",
+            ),
+            (
+                self.stage == 2 or self.llm_mode == "frozen",
+                "stage 1 trains only the connector: llm_mode must be frozen",
+            ),
+            (
+                self.stage == 2 or not self.init_from,
+                "init_from is for stage 2 (it loads a stage-1 connector)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def check_complete(self) -> None:
+        """The fields a run cannot start without (checked after --init-from filled what it could)."""
+        missing = [
+            f"--{n.replace('_', '-')}" for n in ("vision", "llm", "data", "output") if not getattr(self, n)
+        ]
+        if missing:
+            raise ValueError(
+                f"missing {', '.join(missing)} (set them on the command line or in the YAML config)"
+            )
+
+    def model_config(self) -> ModelConfig:
+        """The `ModelConfig` this run trains (saved in every checkpoint)."""
+        target = self.lora_target_modules
+        return ModelConfig(
+            vision=VisionConfig(
+                path=self.vision,
+                kind=self.vision_kind,
+                feature_layer=self.vision_feature_layer,
+                pool=self.vision_pool,
+                trainable="full" if self.train_vision else "frozen",
+            ),
+            connector=ConnectorConfig(
+                kind=self.connector, projector=self.projector, num_queries=self.num_queries
+            ),
+            llm=LLMConfig(
+                path=self.llm,
+                mode=self.llm_mode,
+                lora=LoraSettings(
+                    r=self.lora_r,
+                    alpha=self.lora_alpha,
+                    dropout=self.lora_dropout,
+                    target_modules="all-linear" if target == ["all-linear"] else list(target),
+                ),
+            ),
+            dtype=self.dtype,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+STAGE_PRESETS: dict[int, dict[str, Any]] = {
+    # LLaVA-1.5 pretrain: projector only, lr 1e-3, cosine, 3% warm-up, global batch 256.
+    1: dict(
+        llm_mode="frozen", lr=1e-3, connector_lr=0.0, global_batch_size=256, micro_batch_size=16, epochs=1.0
+    ),
+    # LLaVA-1.5 LoRA fine-tune: r 128, alpha 256, lr 2e-4, projector lr 2e-5, global batch 128.
+    2: dict(
+        llm_mode="lora", lr=2e-4, connector_lr=2e-5, global_batch_size=128, micro_batch_size=16, epochs=1.0
+    ),
+}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, include_stage: bool = True) -> None:
+    """One option per `TrainConfig` field, named after it, help from its docstring; plus --config."""
+    parser.add_argument("--config", help="YAML file of run settings (command-line options override it)")
+    docs = field_docs()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "stage" and not include_stage:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = _field_types()[f.name]
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=docs.get(f.name, ""))
+        origin = typing.get_origin(hint)
+        if hint is bool:
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        elif origin is Literal:
+            kwargs.update(choices=list(typing.get_args(hint)))
+        elif origin is list:
+            kwargs.update(nargs="+")
+        else:
+            kwargs.update(type=hint)
+        if f.name == "resume":
+            kwargs.update(nargs="?", const="latest")
+        parser.add_argument(flag, **kwargs)
+
+
+def field_docs() -> dict[str, str]:
+    """Field name → its docstring, read from this module's source (the single place they are written)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split()).replace("%", "%%")
+    return docs
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such run config file")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a run config must be a mapping of option: value, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{p}: unknown run settings {unknown}; known: {sorted(known)}")
+    return data
+
+
+def resolve_config(
+    args: argparse.Namespace | None = None, stage: int | None = None, **overrides
+) -> TrainConfig:
+    """Preset of the stage ← YAML file (--config) ← command-line options ← keyword overrides."""
+    cli = dict(vars(args)) if args is not None else {}
+    config_file = cli.pop("config", None)
+    from_file = load_yaml(config_file) if config_file else {}
+    stage = int(stage or cli.pop("stage", None) or from_file.get("stage") or 1)
+    if from_file.get("stage") not in (None, stage):
+        raise ValueError(
+            f"{config_file} is a stage-{from_file['stage']} config but this is a stage-{stage} run"
+        )
+    if stage not in STAGE_PRESETS:
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    values: dict[str, Any] = dict(STAGE_PRESETS[stage])
+    values.update(from_file)
+    values.update(cli)
+    values.update(overrides)
+    values["stage"] = stage
+    return TrainConfig(**values)
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,253 @@
+"""The one module that knows DeepSpeed: process group, engine, ZeRO-3 gathering, engine checkpoints.
+
+Runs under the `deepspeed` launcher (one or many processes, NCCL on GPUs,
+gloo on CPUs) and as a plain `python script.py`: without launcher variables
+it becomes a one-process group on a free local port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mllm.train.config import TrainConfig
+
+ENGINE_TAG = "engine"
+"""Sub-folder of a checkpoint holding DeepSpeed's own files (optimizer, scheduler, ZeRO partitions)."""
+
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "zero_optimization": {"stage": 2},
+}
+"""Used when the run names no --zero file."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> World:
+    """Join the launcher's process group, or form a one-process group when started without a launcher."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        # DeepSpeed (and ZeRO-3's Init) read these torchrun-style variables; a lone process sets its own.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accel = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
+    return World(
+        rank=torch.distributed.get_rank(),
+        local_rank=local_rank,
+        size=torch.distributed.get_world_size(),
+        device=device,
+    )
+
+
+def read_ds_config(cfg: TrainConfig) -> dict[str, Any]:
+    if not cfg.zero:
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    path = Path(cfg.zero)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--zero {path}: no such DeepSpeed config (see zero_configs/z2.json, z3.json, z3_offload.json)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--zero {path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+
+
+def fill_ds_config(
+    ds: dict[str, Any], cfg: TrainConfig, grad_accum: int, world_size: int, bf16: bool, hidden_size: int
+) -> dict[str, Any]:
+    """Replace every "auto" in a DeepSpeed config with the value the run config implies (or fail naming it)."""
+    ds = copy.deepcopy(ds)
+    auto = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": cfg.micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16.enabled": bf16,
+        "fp16.enabled": False,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in auto.items():
+        section, _, name = key.rpartition(".")
+        holder = ds.setdefault(section, {}) if section else ds
+        if holder.get(name, "auto") == "auto":
+            holder[name] = value
+        elif (
+            key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+            and holder[name] != value
+        ):
+            raise ValueError(
+                f'--zero config sets {key}={holder[name]} but the run needs {value}; write "auto" there'
+            )
+    left = _find_auto(ds)
+    if left:
+        raise ValueError(f'--zero config: no value for "auto" at {left}; set it explicitly')
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError("--zero config enables fp16; use --dtype bf16 or fp32 (fp16 needs loss scaling)")
+    if ds["bf16"]["enabled"] != bf16:
+        raise ValueError(
+            f"--zero config sets bf16.enabled={ds['bf16']['enabled']} but the run's dtype is {'bf16' if bf16 else 'fp32'}"
+        )
+    ds.setdefault("steps_per_print", 10**9)  # our loop logs; DeepSpeed's own step prints are noise
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def check_supported(llm_mode: str, ds: dict[str, Any]) -> None:
+    """Refuse combinations DeepSpeed cannot run, before any model is loaded."""
+    if llm_mode == "qlora" and zero_stage(ds) == 3:
+        raise ValueError(
+            "--llm-mode qlora cannot run under ZeRO-3: it would partition the packed 4-bit bitsandbytes weights. "
+            "Use --zero zero_configs/z2.json (the 4-bit base is small; ZeRO-2 shards the adapters' optimizer state)"
+        )
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (
+        "none",
+        None,
+    )
+
+
+def make_optimizer(
+    param_groups: list[dict[str, Any]], ds: dict[str, Any], weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW. With the optimizer offloaded from a GPU, DeepSpeed's CPU Adam (built on first use) keeps the
+    offloaded step fast; on a CPU-only machine torch's AdamW already runs where the states live."""
+    from deepspeed.accelerator import get_accelerator
+
+    if offloads_optimizer(ds) and get_accelerator().device_name() != "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, weight_decay=weight_decay, adamw_mode=True)
+    if offloads_optimizer(ds):
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+
+
+def initialize(model: nn.Module, optimizer, scheduler, ds: dict[str, Any]):
+    """Wrap the model in a DeepSpeed engine; DeepSpeed steps the optimizer and scheduler at accumulation boundaries."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds
+    )
+    return engine
+
+
+def backward(engine, loss: torch.Tensor) -> None:
+    # Our loss is already normalised by the tokens of the whole accumulated batch: no extra 1/grad_accum.
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+def step(engine) -> None:
+    engine.step()
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum numbers over all processes (supervised-token counts, loss sums)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter]):
+    """Full values of ZeRO-3-partitioned parameters on every rank for the duration (no-op below ZeRO-3)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+@contextlib.contextmanager
+def gathered_for_update(params: list[nn.Parameter]):
+    """Gather ZeRO-3 parameters so that rank 0 may overwrite them; the change is re-partitioned on exit."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
+
+
+def save_engine_state(engine, checkpoint_dir: Path) -> None:
+    """Optimizer, scheduler and ZeRO partitions of every rank into `checkpoint_dir/engine` (collective call)."""
+    engine.save_checkpoint(
+        str(checkpoint_dir), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True
+    )
+
+
+def load_engine_state(engine, checkpoint_dir: Path) -> None:
+    """Restore what `save_engine_state` wrote; the frozen backbones come from their own files, not from here."""
+    path, _ = engine.load_checkpoint(
+        str(checkpoint_dir),
+        tag=ENGINE_TAG,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if path is None:
+        raise RuntimeError(f"{checkpoint_dir}: DeepSpeed found no engine state under {ENGINE_TAG}/")

@@ -1,0 +1,260 @@
+"""The training run, start to end: assemble model and data, wrap in DeepSpeed, loop, checkpoint, report.
+
+One optimizer step = `grad_accum` micro-batches per process. The loss of the
+step is the sum of token losses over every supervised token of all those
+micro-batches on all processes, divided by their number: a long answer weighs
+as much per token as a short one, whatever batch it fell into.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from mllm.checkpoint import read_config
+from mllm.config import ModelConfig
+from mllm.model import build_model, load_tokenizer, resolve_runtime
+from mllm.train import checkpointing
+from mllm.train import distributed as dist
+from mllm.train.batches import BatchStream, TrainData, build_train_data, supervised_tokens
+from mllm.train.config import TrainConfig, save_yaml
+from mllm.train.optim import make_scheduler, param_groups
+from mllm.train.progress import Progress, format_summary
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.yaml"
+
+
+@dataclass
+class Session:
+    """Everything a run holds between setup and the end of its loop."""
+
+    cfg: TrainConfig
+    world: dist.World
+    model: Any
+    engine: Any
+    data: TrainData
+    stream: BatchStream
+    state: dict[str, int]
+    total_steps: int
+    grad_accum: int
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or continue) the training `cfg` describes; returns the end summary."""
+    return fit(setup(cfg))
+
+
+def setup(cfg: TrainConfig) -> Session:
+    """Process group, model, data, DeepSpeed engine; restored from a checkpoint when resuming."""
+    cfg = absolute_paths(fill_from_init(cfg))
+    cfg.check_complete()
+    ds_raw = dist.read_ds_config(cfg)
+    dist.check_supported(cfg.llm_mode, ds_raw)
+    world = dist.init_distributed()
+    if not world.is_main:
+        logging.getLogger("mllm").setLevel(logging.WARNING)
+        transformers.logging.set_verbosity_error()
+    out = Path(cfg.output)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpointing.clear_interrupted(out)
+    dist.barrier()
+    resume_from = checkpointing.find_resume_point(cfg)
+    if resume_from is not None:
+        check_resumable(cfg, resume_from)
+    grad_accum = cfg.grad_accum or max(1, cfg.global_batch_size // (cfg.micro_batch_size * world.size))
+
+    transformers.set_seed(cfg.seed)  # same connector initialisation on every rank
+    mcfg = cfg.model_config()
+    runtime = resolve_runtime(mcfg.dtype, mcfg.attn_implementation, str(world.device))
+    model = build_model(mcfg, runtime)
+    if cfg.init_from:
+        load_stage1_connector(model, cfg.init_from)
+    if cfg.grad_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tokenizer = load_tokenizer(mcfg)
+    data = build_train_data(cfg, tokenizer, model, world.rank, world.size, progress=world.is_main)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.sampler) / grad_accum))
+
+    ds = dist.fill_ds_config(
+        ds_raw,
+        cfg,
+        grad_accum,
+        world.size,
+        runtime.dtype == torch.bfloat16,
+        model.llm.config.hidden_size,
+    )
+    optimizer = dist.make_optimizer(param_groups(model, cfg), ds, cfg.weight_decay)
+    engine = dist.initialize(model, optimizer, make_scheduler(optimizer, cfg, total_steps), ds)
+    stream = BatchStream(data)
+    state = {"step": 0, "samples": 0, "tokens": 0}
+    transformers.set_seed(cfg.seed + world.rank)  # dropout differs per rank, repeats per seed
+    if resume_from is not None:
+        state.update(checkpointing.restore(engine, world, resume_from, stream))
+        log.info("resumed from %s at step %d (epoch %.3f)", resume_from, state["step"], stream.epoch_progress)
+    if world.is_main:
+        save_yaml(cfg, out / RUN_CONFIG_FILE)
+        log.info(
+            "stage %d: %d steps × %d micro-batches of %d × %d process(es); ZeRO-%d; %s",
+            cfg.stage, total_steps, grad_accum, cfg.micro_batch_size, world.size, dist.zero_stage(ds), runtime.describe(),
+        )  # fmt: skip
+    return Session(cfg, world, model, engine, data, stream, state, total_steps, grad_accum)
+
+
+def fit(s: Session) -> dict[str, Any]:
+    """The loop: optimizer steps until the last one, checkpoints on schedule and at the end, reports."""
+    cfg, state = s.cfg, s.state
+    progress = Progress(Path(cfg.output), s.total_steps, state["step"], s.world.is_main, cfg.log_every)
+    last_saved = None
+    while state["step"] < s.total_steps:
+        lr = s.engine.lr_scheduler.get_last_lr()[-1]  # the lr this step uses (the scheduler moves after it)
+        record = train_step(s.engine, s.stream, s.world, s.grad_accum)
+        state["step"] += 1
+        state["samples"] += record["samples"]
+        state["tokens"] += record["tokens"]
+        progress.step(
+            state["step"],
+            record["loss"],
+            lr,
+            dist.grad_norm(s.engine),
+            record["samples"],
+            record["tokens"],
+            s.stream.epoch_progress,
+        )
+        if state["step"] == s.total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0):
+            meta = checkpointing.model_meta(cfg, s.data.recipe, state["step"])
+            last_saved = checkpointing.save(
+                s.engine, s.model, s.world, cfg, state["step"], s.stream.state_dict(), dict(state), meta
+            )
+    extra = {
+        **state,
+        "checkpoint": str(last_saved) if last_saved else None,
+        "skipped_samples": len(s.data.dataset.skipped()),
+    }
+    summary = progress.finish(extra)
+    if s.world.is_main:
+        log.info(format_summary(summary))
+    return summary
+
+
+def train_step(engine, stream: BatchStream, world: dist.World, grad_accum: int) -> dict[str, Any]:
+    """One optimizer step over `grad_accum` micro-batches; returns the step's loss, samples and tokens (all ranks)."""
+    batches = [stream.next() for _ in range(grad_accum)]
+    counts = [supervised_tokens(b) for b in batches]
+    samples = sum(b["input_ids"].shape[0] for b in batches)
+    total_tokens, total_samples = dist.all_reduce_sum([sum(counts), samples], world.device)
+    # DeepSpeed averages gradients over processes; × world size turns that back into a sum over all tokens.
+    scale = world.size / max(total_tokens, 1.0)
+    loss_sum = 0.0
+    previous = None
+    for batch in batches:
+        if (
+            batch["input_ids"].numel() == 0
+        ):  # every sample of it was skipped: a no-loss pass keeps ranks in step
+            batch = _without_targets(previous)
+        out = engine(**_to_device(batch, world.device))
+        dist.backward(engine, out.loss_sum * scale)
+        dist.step(engine)
+        loss_sum += float(out.loss_sum.detach())
+        previous = batch
+    (global_loss_sum,) = dist.all_reduce_sum([loss_sum], world.device)
+    return {
+        "loss": global_loss_sum / max(total_tokens, 1.0),
+        "samples": int(total_samples),
+        "tokens": int(total_tokens),
+    }
+
+
+def _without_targets(batch: dict[str, Any] | None) -> dict[str, Any]:
+    if batch is None:
+        raise ValueError(
+            "the first micro-batch of a step has no usable sample (all skipped as bad); fix the data or use a larger batch"
+        )
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute, so that checkpoints and run_config.yaml work from any directory (hub ids stay)."""
+    values = cfg.to_dict()
+    for key in ("vision", "llm", "data", "output", "zero", "init_from"):
+        if values[key] and (key == "output" or Path(values[key]).exists()):
+            values[key] = str(Path(values[key]).expanduser().resolve())
+    if values["resume"] not in ("auto", "latest", "no"):
+        values["resume"] = str(Path(values["resume"]).expanduser().resolve())
+    return TrainConfig(**values)
+
+
+# ---- stage 2 from stage 1 ---------------------------------------------------------------------------
+def fill_from_init(cfg: TrainConfig) -> TrainConfig:
+    """Stage 2: take vision tower and connector settings (and the LLM, if not given) from the stage-1 checkpoint."""
+    if not cfg.init_from:
+        return cfg
+    saved = ModelConfig.from_dict(read_config(cfg.init_from)["model"])
+    if cfg.vision and Path(cfg.vision).resolve() != Path(saved.vision.path).resolve():
+        raise ValueError(
+            f"--vision {cfg.vision} differs from the stage-1 tower {saved.vision.path} of --init-from {cfg.init_from}"
+        )
+    values = cfg.to_dict()
+    values.update(
+        vision=saved.vision.path,
+        vision_kind=saved.vision.kind,
+        vision_feature_layer=saved.vision.feature_layer,
+        vision_pool=saved.vision.pool,
+        connector=saved.connector.kind,
+        projector=saved.connector.projector,
+        num_queries=saved.connector.num_queries,
+        llm=cfg.llm or saved.llm.path,
+    )
+    return TrainConfig(**values)
+
+
+def load_stage1_connector(model, init_from: str) -> None:
+    path = Path(read_config(init_from)["_path"])
+    weights = load_file(str(path / "connector.safetensors"))
+    try:
+        model.connector.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(
+            f"--init-from {path}: its connector does not fit this model ({str(e).splitlines()[1:2]})"
+        ) from e
+    log.info("connector initialised from %s", path)
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to continue a checkpoint under settings that would change the data order or the model."""
+    saved = read_config(checkpoint).get("run", {})
+    fixed = (
+        "stage",
+        "vision",
+        "llm",
+        "llm_mode",
+        "connector",
+        "projector",
+        "data",
+        "seed",
+        "micro_batch_size",
+        "lora_r",
+    )
+    changed = [
+        f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}"
+        for k in fixed
+        if k in saved and saved[k] != getattr(cfg, k)
+    ]
+    if changed:
+        raise ValueError(
+            f"{checkpoint} was trained with other settings ({'; '.join(changed)}); "
+            "use another --output, or --resume no to start over there"
+        )

@@ -1,0 +1,196 @@
+"""On-disk cache of frozen vision-tower features: image content → features [N, D], one folder per tower identity.
+
+A frozen tower maps the same image to the same features in every epoch, every
+stage and every run; computing them once saves the image decode, the
+preprocessing and the tower's forward pass. The folder is named by a hash of
+`VisionTower.identity()` (tower kind, weights fingerprint, resolution, feature
+layer, dropped prefix, pooling) plus the compute dtype, so changing any of them
+opens a different, empty folder: the cache never serves another tower's
+features. Each entry is keyed by the SHA-256 of the image's encoded bytes (not
+its path), so an edited image is a miss, and carries its tower key in its
+metadata, which is checked on every read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mllm.vision.base import VisionTower
+
+ImageSource = str | bytes | Image.Image
+"""A path to an image file, its encoded bytes, or a decoded image."""
+
+
+def tower_key(tower: VisionTower) -> dict[str, Any]:
+    """Everything that determines the tower's features: its identity, the dtype it computes in, and a
+    nanosecond stamp of its local weight files (a rewrite within the same second still changes the key)."""
+    dtype = next(tower.parameters()).dtype
+    ident = tower.identity()
+    return {**ident, "dtype": str(dtype).removeprefix("torch."), "files": _files_stamp(ident.get("path"))}
+
+
+def _files_stamp(path: Any) -> list | None:
+    if not isinstance(path, str) or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+    out = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin", ".pt", ".pth", ".json")):
+            st = os.stat(os.path.join(path, name))
+            out.append([name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def content_key(image: ImageSource) -> str:
+    """SHA-256 of the image's encoded bytes (or of a decoded image's mode, size and pixels)."""
+    h = hashlib.sha256()
+    if isinstance(image, Image.Image):
+        h.update(f"{image.mode}:{image.size}".encode())
+        h.update(image.tobytes())
+    elif isinstance(image, (bytes, bytearray)):
+        h.update(image)
+    else:
+        with open(image, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _open(image: ImageSource) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    fp = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+    with Image.open(fp) as im:
+        return im.convert("RGB")
+
+
+class FeatureCache:
+    """Features of one tower under `root/<tower hash>/`. `get` reads; `fill` computes what is missing."""
+
+    def __init__(self, root: str, tower: VisionTower):
+        self.tower = tower
+        self.key = tower_key(tower)
+        self.tower_hash = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.dir = os.path.join(root, self.tower_hash)
+        os.makedirs(self.dir, exist_ok=True)
+        ident = os.path.join(self.dir, "tower.json")
+        if os.path.exists(ident):
+            with open(ident, encoding="utf-8") as f:
+                stored = json.load(f)
+            if stored != json.loads(json.dumps(self.key)):
+                raise ValueError(f"feature cache {self.dir} belongs to another tower: {stored} != {self.key}")
+        else:
+            with open(ident, "w", encoding="utf-8") as f:
+                json.dump(self.key, f, indent=1, sort_keys=True)
+
+    def path(self, content: str) -> str:
+        return os.path.join(self.dir, content[:2], content + ".safetensors")
+
+    def __contains__(self, image: ImageSource) -> bool:
+        return os.path.exists(self.path(content_key(image)))
+
+    def get(self, image: ImageSource) -> torch.Tensor:
+        """Cached features [N, D] of `image`; KeyError when it was never computed by this tower."""
+        path = self.path(content_key(image))
+        if not os.path.exists(path):
+            raise KeyError(f"no cached features for this image under tower {self.tower_hash}; run fill() first")
+        return self._read(path)
+
+    def _read(self, path: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("tower") != self.tower_hash:
+                raise ValueError(f"{path}: written by another tower than {self.tower_hash}; delete the entry")
+        return load_file(path)["features"]
+
+    def put(self, content: str, features: torch.Tensor) -> None:
+        path = self.path(content)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        save_file({"features": features.contiguous()}, tmp, metadata={"tower": self.tower_hash})
+        os.replace(tmp, path)  # readers never see a half-written entry
+
+    @torch.no_grad()
+    def fill(self, images: Sequence[ImageSource], batch_size: int = 32, progress: bool = True) -> int:
+        """Compute and store the features of every image not cached yet; returns how many were computed."""
+        todo: dict[str, ImageSource] = {}
+        for image in images:
+            key = content_key(image)
+            if key not in todo and not os.path.exists(self.path(key)):
+                todo[key] = image
+        keys = list(todo)
+        was_training = self.tower.training
+        self.tower.eval()
+        try:
+            bar = tqdm(total=len(keys), desc="caching vision features", unit="image", disable=not progress)
+            for s in range(0, len(keys), batch_size):
+                chunk = keys[s : s + batch_size]
+                pixels = self.tower.preprocess([_open(todo[k]) for k in chunk])
+                feats = self.tower(pixels)  # [b, N, D]
+                for k, f in zip(chunk, feats):
+                    self.put(k, f.clone())
+                bar.update(len(chunk))
+            bar.close()
+        finally:
+            self.tower.train(was_training)
+        return len(keys)
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """A `mllm.data.MultimodalDataset` whose items carry cached `features` [I, N, D] instead of `pixel_values`.
+
+    Images are never decoded here (only hashed); lengths, image flags and items pass through, so the
+    data layer's samplers work unchanged. Call `fill()` once before training.
+    """
+
+    def __init__(self, dataset, cache: FeatureCache):
+        self.dataset = dataset
+        self.cache = cache
+        self.lengths = dataset.lengths
+        self.has_image = dataset.has_image
+        self.items = dataset.items
+        self.weights = dataset.weights
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def image_sources(self, i: int) -> tuple[Any, Any, list[ImageSource]]:
+        """(sample, encoded, image sources) of item `i`: the images that survived truncation, as paths or bytes."""
+        from mllm.data.images import resolve_image_path
+
+        item, reader = self.dataset.items[i], self.dataset.reader
+        sample, enc = reader.encode(item.source, item.index)
+        root = reader.sources[item.source].spec.image_root or reader.recipe.image_root
+        refs = sample.images[: enc.num_images]
+        return sample, enc, [resolve_image_path(root, r) if isinstance(r, str) else r for r in refs]
+
+    def fill(self, batch_size: int = 32, progress: bool = True) -> int:
+        """Compute the features of every image of the dataset that the cache lacks; returns how many."""
+        images = [src for i in range(len(self)) for src in self.image_sources(i)[2]]
+        return self.cache.fill(images, batch_size=batch_size, progress=progress)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample, enc, sources = self.image_sources(i)
+        if len(enc.input_ids) != self.lengths[i]:
+            raise RuntimeError(f"sample {sample.id}: length changed from {self.lengths[i]} to {len(enc.input_ids)}")
+        feats = [self.cache.get(s) for s in sources]
+        n, d = self.cache.tower.num_tokens, self.cache.tower.hidden_size
+        return {
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+            "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "features": torch.stack(feats) if feats else torch.zeros((0, n, d)),
+            "id": sample.id,
+        }

@@ -1,0 +1,128 @@
+"""Demo data from easy-VQA: annotations recovered from the answers, LLaVA files, balanced yes/no, held-out test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter, defaultdict
+
+import pytest
+
+from mllm.demo.data import DemoData, build_demo_data
+from mllm.demo.easy_vqa import COLORS, SHAPES, Annotation, Question, annotate, load_questions
+from mllm.demo.pipeline import RECIPES, shipped_recipes_dir
+
+pytestmark = pytest.mark.demo
+
+
+def oracle(note: Annotation, q: Question) -> str | None:
+    """Answer `q` from the annotation alone (None when the annotation lacks what it asks)."""
+    words = set(q.question.replace("?", "").split())
+    if q.type == "color":
+        return note.color
+    if q.type == "shape":
+        return note.shape
+    named = words & set(COLORS) or words & set(SHAPES)
+    value = note.color if words & set(COLORS) else note.shape
+    if value is None:
+        return None
+    return "yes" if (value in named) != q.negated else "no"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_annotations_answer_every_question_of_their_image(split):
+    questions = load_questions(split)
+    notes = annotate(questions)
+    answered = [oracle(notes[q.image_id], q) for q in questions]
+    checked = [(a, q.answer) for a, q in zip(answered, questions) if a is not None]
+    assert len(checked) > 0.9 * len(questions)
+    assert all(a == b for a, b in checked)
+    assert sum(n.complete for n in notes.values()) > 0.85 * len(notes)
+
+
+def test_contradicting_answers_stop_with_the_image_named():
+    qs = [Question(7, "what color is the shape?", "red"), Question(7, "is there a red shape?", "no")]
+    with pytest.raises(ValueError, match="image 7: contradicting answers about its color"):
+        annotate(qs)
+
+
+def test_partly_known_image_is_never_guessed():
+    notes = annotate([Question(3, "what shape is in the image?", "circle"), Question(3, "is there a red shape?", "no")])
+    assert notes[3] == Annotation(color=None, shape="circle") and not notes[3].complete
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-data")
+    manifest = build_demo_data(str(out), DemoData(train_images=300, test_questions=200, seed=1))
+    for name in RECIPES:
+        shutil.copyfile(shipped_recipes_dir() / name, out / name)
+    return out, manifest
+
+
+def test_files_are_llava_format_with_captions_and_typed_test_questions(built):
+    out, manifest = built
+    stage1 = json.loads((out / "stage1.json").read_text())
+    test = json.loads((out / "test.json").read_text())
+    assert len(stage1) == manifest["stage1"]["samples"] > 250
+    assert all(s["conversations"][1]["value"].startswith("A ") and s["conversations"][1]["value"].endswith(".") for s in stage1)
+    words = stage1[0]["conversations"][1]["value"][2:-1].split()
+    assert words[0] in COLORS and words[1] in SHAPES
+    assert len(test) >= 200 and {s["question_type"] for s in test} == {"yes/no", "color", "shape"}
+    for s in stage1 + test:
+        assert s["conversations"][0]["value"].startswith("<image>\n") and os.path.isfile(out / s["image"])
+
+
+def test_test_questions_are_whole_held_out_test_images(built):
+    out, manifest = built
+    test = json.loads((out / "test.json").read_text())
+    train_images = {s["image"] for f in ("stage1.json", "stage2.json") for s in json.loads((out / f).read_text())}
+    assert all(s["image"].startswith("images/test/") for s in test)
+    assert all(i.startswith("images/train/") for i in train_images)
+    per_image = Counter(s["image"] for s in test)
+    everything = Counter(q.image_id for q in load_questions("test"))
+    assert all(everything[int(os.path.basename(i)[:-4])] == n for i, n in per_image.items())  # all their questions
+    assert manifest["test"]["images"] == len(per_image)
+
+
+def test_stage2_yes_no_is_balanced_for_every_wording(built):
+    out, _ = built
+    counts = defaultdict(Counter)
+    for s in json.loads((out / "stage2.json").read_text()):
+        q = Question(0, s["conversations"][0]["value"].split("\n", 1)[1], s["conversations"][1]["value"])
+        if q.type == "yes/no":
+            counts[(q.negated, q.asks_about)][q.answer] += 1
+    assert len(counts) == 4
+    assert all(c["yes"] == c["no"] > 0 for c in counts.values())
+
+
+def test_shipped_recipes_tokenise_the_built_data(built, backbones):
+    from transformers import AutoTokenizer
+
+    from mllm.data import build_dataset, load_recipe
+
+    out, _ = built
+    tokenizer = AutoTokenizer.from_pretrained(backbones["llama"])
+    stage1 = load_recipe(str(out / "demo_stage1.yaml"))
+    stage2 = load_recipe(str(out / "demo_stage2.yaml"))
+    assert stage1.template == "plain" and stage2.system_prompt
+    for recipe in (stage1, stage2, load_recipe(str(out / "demo_test.yaml"))):
+        ds = build_dataset(recipe, tokenizer, image_tokens=9, preprocess=None, seed=0, progress=False)
+        assert len(ds) == len(json.loads(open(recipe.sources[0].path).read())) and all(ds.has_image)
+
+
+def test_eval_reads_question_types(built):
+    from mllm.eval.data import load_eval_items
+
+    out, _ = built
+    items = load_eval_items(str(out / "demo_test.yaml"))
+    assert {it.type for it in items} == {"yes/no", "color", "shape"}
+    assert all(it.reference in ("yes", "no", *COLORS, *SHAPES) for it in items)
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="train_images"):
+        DemoData(train_images=0)
+    with pytest.raises(ValueError, match="test_questions"):
+        DemoData(test_questions=10**6)

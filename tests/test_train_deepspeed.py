@@ -1,0 +1,123 @@
+"""Two-process runs through the `deepspeed` launcher (gloo on CPU): ZeRO-3, ZeRO-2 and ZeRO-3 with CPU offload
+train the same LoRA adapters and connector, equal to one process accumulating the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mllm.checkpoint import latest_checkpoint, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def write_colours(folder: Path) -> str:
+    from test_train_runs import write_colours as write
+
+    return write(folder)
+
+
+def launcher() -> list[str]:
+    beside = Path(sys.executable).with_name("deepspeed")
+    return [str(beside)] if beside.is_file() else [shutil.which("deepspeed") or "deepspeed"]
+
+
+def run(cmd: list[str], out: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT")
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert latest_checkpoint(out) is not None
+
+
+def trained_tensors(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(out)
+    tensors = {f"connector.{k}": v for k, v in load_file(str(ckpt / "connector.safetensors")).items()}
+    tensors |= {
+        f"adapter.{k}": v for k, v in load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).items()
+    }
+    return tensors
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero3_zero2_offload_and_one_process_train_the_same_weights(backbones, tmp_path):
+    data = write_colours(tmp_path / "data")
+    common = ["--vision", backbones["clip"], "--llm", backbones["llama"], "--data", data, "--dtype", "fp32"]
+    common += [
+        "--llm-mode",
+        "lora",
+        "--lora-r",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--lr",
+        "1e-2",
+        "--connector-lr",
+        "1e-2",
+    ]
+    common += [
+        "--micro-batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--num-workers",
+        "0",
+        "--seed",
+        "5",
+        "--warmup-ratio",
+        "0",
+    ]
+    script = str(ROOT / "scripts" / "finetune.py")
+    outs = {}
+    for i, zero in enumerate(("z3", "z2", "z3_offload")):
+        outs[zero] = tmp_path / zero
+        cmd = launcher() + ["--num_gpus", "2", "--master_port", str(29650 + i + os.getpid() % 200), script]
+        run(
+            cmd
+            + common
+            + [
+                "--grad-accum",
+                "1",
+                "--zero",
+                str(ROOT / "zero_configs" / f"{zero}.json"),
+                "--output",
+                str(outs[zero]),
+            ],
+            outs[zero],
+        )
+    outs["one"] = tmp_path / "one"  # one process, no launcher, accumulating the same 2 micro-batches per step
+    run([sys.executable, script] + common + ["--grad-accum", "2", "--output", str(outs["one"])], outs["one"])
+
+    reference = trained_tensors(outs["z3"])
+    assert reference and all(t.numel() > 0 for t in reference.values())
+    assert any(k.startswith("adapter.") and "lora_B" in k and t.abs().sum() > 0 for k, t in reference.items())
+    for name in ("z2", "z3_offload", "one"):
+        other = trained_tensors(outs[name])
+        assert other.keys() == reference.keys(), name
+        for k in reference:
+            assert other[k].numel() > 0 and torch.allclose(other[k], reference[k], atol=1e-5, rtol=1e-4), (
+                name,
+                k,
+            )
+        assert max(abs(a - b) for a, b in zip(losses(outs[name]), losses(outs["z3"]), strict=True)) < 1e-4, (
+            name
+        )
+    ckpt = latest_checkpoint(outs["z3"])
+    assert sorted(p.name for p in ckpt.glob("rank*_state.pt")) == ["rank0_state.pt", "rank1_state.pt"]
+    model, saved = load_checkpoint(outs["z3"])  # written under ZeRO-3, read without DeepSpeed
+    assert saved["run"]["zero"].endswith("z3.json") and saved["model"]["llm"]["mode"] == "lora"

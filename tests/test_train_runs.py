@@ -1,0 +1,248 @@
+"""Whole training runs on tiny real backbones (one process, in this process): stage 1 → stage 2 lora → qlora,
+exact resume, a save killed half-way. The multi-process DeepSpeed launches are in test_train_deepspeed.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mllm.checkpoint import latest_checkpoint, load_checkpoint, verify
+from mllm.train.config import resolve_config
+from mllm.train.loop import fit, setup, train
+from mllm.train.progress import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
+COLOURS |= {"black": (0, 0, 0), "white": (255, 255, 255), "purple": (128, 0, 128), "orange": (255, 140, 0)}
+
+
+def write_colours(folder: Path) -> str:
+    """8 memorisable samples: a plain-coloured image and its colour's name."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        Image.new("RGB", (32, 32), rgb).save(folder / "img" / f"{name}.png")
+        conversation = [
+            {"from": "human", "value": "<image>\nWhat colour is this?"},
+            {"from": "gpt", "value": f"It is {name}."},
+        ]
+        records.append({"id": f"c{i}", "image": f"img/{name}.png", "conversations": conversation})
+    (folder / "colours.json").write_text(json.dumps(records))
+    return str(folder / "colours.json")
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory) -> str:
+    return write_colours(tmp_path_factory.mktemp("colours"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_process_group():
+    """Launcher-style variables for this test process, so the runs here form (and share) a one-process group."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in dict(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1"
+        ).items():
+            mp.setenv(key, value)
+        mp.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        yield
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def peaked_llm(backbones, tmp_path_factory) -> str:
+    """The tiny llama with 10× embeddings. Its head is tied to them and its final norm is frozen, so at random
+    init the logits are too flat (loss floor ~5.7) for a connector or adapter to memorise anything."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("llm-peaked"))
+    model = AutoModelForCausalLM.from_pretrained(backbones["llama"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(backbones["llama"]).save_pretrained(out)
+    return out
+
+
+def config(backbones, data, output, stage=1, **kw):
+    base = dict(vision=backbones["clip"], llm=backbones["llama"], data=data, output=str(output), dtype="fp32")
+    base |= dict(micro_batch_size=2, grad_accum=2, num_workers=0, save_every=0, warmup_ratio=0.0, seed=3)
+    if stage == 1:
+        base |= dict(template="plain", lr=1e-2)
+    return resolve_config(stage=stage, **{**base, **kw})
+
+
+def run_and_diff(cfg):
+    """Train; return the summary and the names of the parameters whose values changed."""
+    session = setup(cfg)
+    before = {n: p.detach().clone() for n, p in session.model.named_parameters()}
+    summary = fit(session)
+    changed = {n for n, p in session.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    return summary, changed, set(before)
+
+
+def losses(output) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(output))}
+
+
+def falls(output, by: float) -> bool:
+    """Mean loss of the last 4 steps is below the mean of the first 2 by `by` (robust to one noisy step)."""
+    curve = [v for _, v in sorted(losses(output).items())]
+    first, last = sum(curve[:2]) / 2, sum(curve[-4:]) / 4
+    assert last < first - by, curve
+    return True
+
+
+def test_stage1_then_lora_then_qlora(backbones, peaked_llm, colours, tmp_path):
+    s1 = config(backbones, colours, tmp_path / "s1", llm=peaked_llm, max_steps=16, save_every=8, keep_last=1)
+    summary, changed, names = run_and_diff(s1)
+    assert changed == {n for n in names if n.startswith("connector.")}  # every connector weight, nothing else
+    assert falls(tmp_path / "s1", by=1.0)
+    assert [p.name for p in sorted((tmp_path / "s1").glob("checkpoint-*"))] == [
+        "checkpoint-16"
+    ]  # keep-last 1
+    for f in ("metrics.jsonl", "run_config.yaml", "loss_lr.png", "summary.json"):
+        assert (tmp_path / "s1" / f).is_file(), f
+    assert any((tmp_path / "s1" / "tensorboard").iterdir())
+    record = read_metrics(tmp_path / "s1")[0]
+    assert set(record) >= {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"}
+
+    model, saved = load_checkpoint(tmp_path / "s1")  # no DeepSpeed involved from here on
+    assert saved["template"] == "plain" and saved["max_length"] == 2048 and "system_prompt" in saved
+    assert saved["run"]["stage"] == 1 and saved["run"]["llm"] == peaked_llm
+
+    lora = dict(llm_mode="lora", max_steps=12, lora_r=8, lora_alpha=16, lr=3e-2, connector_lr=1e-3)
+    s2 = config(
+        backbones,
+        colours,
+        tmp_path / "s2",
+        stage=2,
+        init_from=str(tmp_path / "s1"),
+        vision="",
+        llm="",
+        **lora,
+    )
+    summary, changed, names = run_and_diff(s2)
+    assert changed and all(n.startswith("connector.") or ".lora_" in n for n in changed), sorted(changed)[:5]
+    assert {n for n in names if ".lora_B." in n} <= changed  # the adapters did train
+    assert falls(tmp_path / "s2", by=3.0)
+    lora_model, saved = load_checkpoint(tmp_path / "s2")
+    assert saved["run"]["llm_mode"] == "lora" and saved["run"]["vision"] == backbones["clip"]
+    ckpt = latest_checkpoint(tmp_path / "s2")
+    assert sorted(os.listdir(ckpt / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    s3 = dataclasses.replace(s2, output=str(tmp_path / "s3"), llm_mode="qlora")
+    summary, changed, names = run_and_diff(s3)
+    assert changed and all(n.startswith("connector.") or ".lora_" in n for n in changed), sorted(changed)[:5]
+    assert falls(tmp_path / "s3", by=3.0)
+    qlora_model, saved = load_checkpoint(tmp_path / "s3")
+    assert saved["model"]["llm"]["mode"] == "qlora"
+
+
+def test_stop_at_step_k_and_resume_matches_an_uninterrupted_run(backbones, colours, tmp_path):
+    # stage 2 LoRA with dropout: resuming must restore weights, optimizer, schedule, data position and RNG.
+    kw = dict(
+        max_steps=7,
+        save_every=3,
+        keep_last=0,
+        llm_mode="lora",
+        lora_r=4,
+        lora_dropout=0.2,
+        lr=3e-3,
+        warmup_ratio=0.3,
+    )
+    full = config(
+        backbones, colours, tmp_path / "full", stage=2, num_workers=2, **kw
+    )  # workers prefetch ahead
+    train(full)
+    # a run stopped after step 3 leaves exactly checkpoint-3 behind (steps cross epoch boundaries: 2 steps/epoch)
+    (tmp_path / "stopped").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "stopped" / "checkpoint-3")
+    resumed = dataclasses.replace(full, output=str(tmp_path / "stopped"), num_workers=0)
+    summary = train(resumed)  # --resume auto: the output directory holds a checkpoint
+    assert summary["steps_this_run"] == 4
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "stopped")
+    assert sorted(b) == [4, 5, 6, 7]
+    for step in b:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    with pytest.raises(ValueError, match="was trained with other settings \\(seed: 3 → 4\\)"):
+        setup(dataclasses.replace(resumed, seed=4))
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(backbones, colours, tmp_path):
+    out = tmp_path / "killed"
+    args = [
+        sys.executable,
+        str(ROOT / "scripts" / "pretrain.py"),
+        "--vision",
+        backbones["clip"],
+        "--llm",
+        backbones["llama"],
+    ]
+    args += [
+        "--data",
+        colours,
+        "--output",
+        str(out),
+        "--template",
+        "plain",
+        "--dtype",
+        "fp32",
+        "--seed",
+        "3",
+        "--lr",
+        "0.01",
+    ]
+    args += ["--micro-batch-size", "2", "--grad-accum", "2", "--num-workers", "0", "--warmup-ratio", "0"]
+    args += ["--max-steps", "12", "--save-every", "1", "--keep-last", "2"]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_PORT")
+    }
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    caught = None
+    deadline = time.time() + 120
+    try:
+        while caught is None and proc.poll() is None and time.time() < deadline:
+            tmp = [p for p in out.glob(".tmp-checkpoint-*")] if out.exists() else []
+            if tmp and int(tmp[0].name.rsplit("-", 1)[1]) >= 3:
+                proc.send_signal(signal.SIGSTOP)  # freeze it mid-save, then make sure it really is mid-save
+                if tmp[0].exists():
+                    caught = tmp[0]
+                    proc.kill()
+                else:
+                    proc.send_signal(signal.SIGCONT)
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert caught is not None, "never caught the run inside a checkpoint save"
+    killed_step = int(caught.name.rsplit("-", 1)[1])
+    previous = latest_checkpoint(out)
+    assert previous is not None and previous.name == f"checkpoint-{killed_step - 1}"
+    verify(previous)
+    load_checkpoint(previous)
+
+    cfg = config(backbones, colours, out, max_steps=12, save_every=1, keep_last=2)
+    summary = train(cfg)  # resumes automatically from `previous`
+    assert summary["steps_this_run"] == 12 - (killed_step - 1)
+    assert not list(out.glob(".tmp-checkpoint-*"))
+    reference = config(backbones, colours, tmp_path / "reference", max_steps=12, save_every=0)
+    train(reference)
+    a, b = losses(tmp_path / "reference"), losses(out)
+    assert sorted(b) == list(range(1, 13))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
