@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "mllm_config.json"
 COMPLETE_FILE = "COMPLETE"
+DISCARD_PREFIX = ".deleting-"
+"""A checkpoint being deleted is renamed to this prefix first; leftovers are removed when a run starts."""
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -75,7 +77,9 @@ def write_model_files(
     for component, sd in weights.items():
         empty = [k for k, v in sd.items() if v.numel() == 0]
         if empty:
-            raise CheckpointError(f"refusing to save empty tensors for {component}: {empty[:3]} (ZeRO-3 not gathered?)")
+            raise CheckpointError(
+                f"refusing to save empty tensors for {component}: {empty[:3]} (ZeRO-3 not gathered?)"
+            )
         if component == "adapter":
             (d / "adapter").mkdir(exist_ok=True)
             save_file(sd, str(d / "adapter" / "adapter_model.safetensors"))
@@ -88,11 +92,14 @@ def write_model_files(
 
 
 def mark_complete(directory: str | os.PathLike) -> None:
-    """Write the manifest last, fsynced: from here on the directory is a usable checkpoint."""
+    """Flush every file to disk, then write the manifest last, fsynced: from here on the directory is a usable
+    checkpoint (also after a power loss, not only after a crash of the process)."""
     d = Path(directory)
     manifest = {}
     for p in sorted(d.rglob("*")):
         if p.is_file() and p.name != COMPLETE_FILE:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
             manifest[str(p.relative_to(d))] = p.stat().st_size
     tmp = d / (COMPLETE_FILE + ".tmp")
     with open(tmp, "w") as f:
@@ -119,12 +126,27 @@ def verify(directory: str | os.PathLike) -> None:
 
 
 def publish(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
-    """Atomically move a completed temporary checkpoint directory to its final name."""
+    """Atomically move a completed temporary checkpoint directory to its final name (replacing an older one)."""
     final = Path(final_dir)
     if final.exists():
-        shutil.rmtree(final)
+        discard(final)
     os.replace(tmp_dir, final)
-    fd = os.open(final.parent, os.O_RDONLY)
+    _fsync_dir(final.parent)
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Delete a checkpoint directory so that no crash leaves it half-deleted under its own name: it is renamed
+    out of the `checkpoint-N` namespace first (atomic), then removed."""
+    p = Path(path)
+    doomed = p.with_name(f"{DISCARD_PREFIX}{p.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(p, doomed)
+    _fsync_dir(p.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -142,7 +164,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint; a damaged newer one is skipped with a warning."""
-    for step, path in reversed(list_checkpoints(output_dir)):
+    for _step, path in reversed(list_checkpoints(output_dir)):
         try:
             verify(path)
             return path
@@ -158,13 +180,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not (d / CONFIG_FILE).is_file():
         newest = latest_checkpoint(d)
         if newest is None:
-            raise CheckpointError(f"{d}: not an mllm checkpoint (no {CONFIG_FILE}) and holds no complete checkpoint-N")
+            raise CheckpointError(
+                f"{d}: not an mllm checkpoint (no {CONFIG_FILE}) and holds no complete checkpoint-N"
+            )
         d = newest
     verify(d)
     config = json.loads((d / CONFIG_FILE).read_text())
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{d}: checkpoint format version {version!r}; this mllm reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{d}: checkpoint format version {version!r}; this mllm reads version {FORMAT_VERSION}"
+        )
     config["_path"] = str(d)
     return config
 
@@ -175,12 +201,14 @@ def load_checkpoint(
     device: str | None = None,
     load_4bit: bool = False,
     full_precision_base: bool = False,
+    trust_remote_code: bool = False,
 ):
     """Load a checkpoint (or an output directory: its newest complete checkpoint) for inference.
 
     Returns `(model, config)`: the `MultimodalLM` in eval mode with its trained weights, and the saved config
     dict (template, run settings). Needs no DeepSpeed. `full_precision_base` puts a QLoRA checkpoint's
     adapters on the unquantised base (its `model.config.llm.mode` is then `lora`), e.g. to merge them.
+    `trust_remote_code` is the caller's decision alone: a checkpoint's own config cannot switch it on.
     """
     from mllm.connectors import CONNECTORS
     from mllm.model import build_model, resolve_runtime
@@ -189,7 +217,11 @@ def load_checkpoint(
     config = read_config(path)
     d = Path(config["_path"])
     mcfg = ModelConfig.from_dict(config["model"])
-    for what, registry, name in (("connector", CONNECTORS, mcfg.connector.kind), ("vision tower", VISION_TOWERS, mcfg.vision.kind)):
+    mcfg.llm.trust_remote_code = trust_remote_code
+    for what, registry, name in (
+        ("connector", CONNECTORS, mcfg.connector.kind),
+        ("vision tower", VISION_TOWERS, mcfg.vision.kind),
+    ):
         if name not in registry and not (what == "vision tower" and name == "efficientnet-lite0"):
             raise CheckpointError(f"{d}: unknown {what} {name!r} in {CONFIG_FILE}; known: {registry.names()}")
     if dtype:
@@ -214,7 +246,9 @@ def load_checkpoint(
     if (d / "adapter" / "adapter_model.safetensors").is_file():
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model.llm, load_file(str(d / "adapter" / "adapter_model.safetensors")))
+        result = set_peft_model_state_dict(
+            model.llm, load_file(str(d / "adapter" / "adapter_model.safetensors"))
+        )
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{d}: adapter weights do not fit the LLM: {result.unexpected_keys[:3]}")
     model.to(runtime.device)

@@ -3,6 +3,7 @@
 
     python shared/bench/make_work.py WORK            # backbones + LLaVA data (deterministic, offline)
     python scripts/bench.py --work WORK --stage 1 --output stage1.json [--levers]
+    python scripts/bench.py --show stage1.json       # print a saved result again
 
 One invocation measures this machine's matmul peak, then runs each side in its
 own subprocess (the reference first, then mllm; with `--levers`, mllm once more
@@ -31,7 +32,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stage", type=int, choices=(1, 2), required=True, help="1: projector only; 2: projector + LLM"
     )
     p.add_argument("--output", default=None, help="write the full result as JSON here")
-    p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per side")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="timed optimizer steps per side; 0 (default) = the rest of one full epoch after warm-up, "
+        "so both sides are timed on (almost) the same samples",
+    )
+    p.add_argument(
+        "--lever-steps",
+        type=int,
+        default=40,
+        help="timed steps of each --levers run (same seed: the same batches for every lever run)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="steps run first and not timed")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch (samples per step), both sides")
     p.add_argument(
@@ -44,6 +57,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="auto: bf16 where the CPU/GPU runs it natively, else fp32",
     )
     p.add_argument("--levers", action="store_true", help="also run mllm once with each lever off")
+    p.add_argument(
+        "--disable",
+        action="append",
+        default=[],
+        metavar="LEVER",
+        help="switch an mllm lever off in the main comparison (repeatable)",
+    )
+    p.add_argument(
+        "--reference-compile",
+        action="store_true",
+        help="give the reference Trainer's torch_compile=True (whole-model compile, recompiles per new shape)",
+    )
     p.add_argument("--cache-dir", default=None, help="vision feature cache (default: WORK/feature_cache)")
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads per side (default: torch's choice)"
@@ -55,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_side(args, side: str, dtype: str, off: tuple[str, ...] = ()) -> dict:
+def run_side(args, side: str, dtype: str, off: tuple[str, ...] = (), steps: int | None = None) -> dict:
     """Run one side in a fresh Python process and read back its JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "side.json")
@@ -90,6 +115,8 @@ def run_side(args, side: str, dtype: str, off: tuple[str, ...] = ()) -> dict:
             cmd += ["--threads", str(args.threads)]
         for lever in off:
             cmd += ["--off", lever]
+        if side == "reference" and args.reference_compile:
+            cmd += ["--reference-compile"]
         label = side + (f" (off: {', '.join(off)})" if off else "")
         print(f"running {label} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
@@ -109,6 +136,13 @@ def run_side(args, side: str, dtype: str, off: tuple[str, ...] = ()) -> dict:
 
 
 def main(argv=None) -> dict:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--show":  # re-print a saved result
+        from mllm.bench.report import format_report
+
+        with open(sys.argv[2], encoding="utf-8") as f:
+            result = json.load(f)
+        print(format_report(result))
+        return result
     args = parse_args(argv)
     args.work = os.path.abspath(args.work)
     import torch
@@ -120,6 +154,9 @@ def main(argv=None) -> dict:
     from mllm.model.runtime import resolve_runtime
 
     work = Work(args.work).check()
+    unknown = sorted(set(args.disable) - set(Levers.names()))
+    if unknown:
+        raise SystemExit(f"--disable: unknown lever(s) {unknown}; known: {Levers.names()}")
     runtime = resolve_runtime(args.dtype, "sdpa", device="cpu")
     dtype = "bf16" if runtime.dtype == torch.bfloat16 else "fp32"
     if args.threads:
@@ -128,7 +165,7 @@ def main(argv=None) -> dict:
     sizes = model_sizes(work.vision, work.llm)
     summary = lambda raw: summarise(raw, sizes, peak["peak_flops"], args.stage)  # noqa: E731
     ref = summary(run_side(args, "reference", dtype))
-    ours = summary(run_side(args, "mllm", dtype))
+    ours = summary(run_side(args, "mllm", dtype, off=tuple(args.disable)))
     result = {
         "stage": args.stage,
         "work": args.work,
@@ -153,13 +190,18 @@ def main(argv=None) -> dict:
         "levers": [],
     }
     if args.levers:
+        # every lever run, and the all-on run they are compared with, sees the same batches (same seed and steps)
+        base = summary(run_side(args, "mllm", dtype, off=tuple(args.disable), steps=args.lever_steps))
+        result["levers_base"] = base
         for lever in Levers.names():
-            row = summary(run_side(args, "mllm", dtype, off=(lever,)))
+            if lever in args.disable:
+                continue
+            row = summary(run_side(args, "mllm", dtype, off=(lever, *args.disable), steps=args.lever_steps))
             row.update(
                 lever=lever,
                 description=Levers.describe(lever),
-                ratio_vs_reference=row["samples_per_s"] / ref["samples_per_s"],
-                ratio_vs_all_on=row["samples_per_s"] / ours["samples_per_s"],
+                ratio_vs_all_on=row["samples_per_s"] / base["samples_per_s"],
+                mfu_ratio_vs_reference=row["mfu"] / ref["mfu"],
             )
             result["levers"].append(row)
     print(format_report(result))

@@ -20,7 +20,8 @@ def quick_demo(tmp_path_factory, request):
     from mllm.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "run"
-    backbones = request.config.cache.mkdir("mllm-backbones")
+    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
+    backbones = cache.mkdir("mllm-backbones") if cache else tmp_path_factory.mktemp("backbones")
     assert main(["demo", "--quick", "--output", str(out), "--backbones", str(backbones), "--quiet"]) == 0
     return out
 
@@ -36,24 +37,45 @@ def test_quick_demo_writes_every_phase_and_the_results_schema(quick_demo, capsys
     assert sum(v["n"] for v in s2["by_type"].values()) == s2["n"]
     for v in [s2, *s2["by_type"].values()]:
         assert 0 <= v["accuracy"] <= 100 and 0 <= v["blind_accuracy"] <= 100
-    assert set(results["stage1"]) >= {"caption_accuracy", "n", "final_loss"} and results["stage1"]["steps"] == 2
-    assert results["seconds"] > 0 and set(results["phases"]) == {"fetch", "data", "stage1", "eval_stage1", "stage2", "eval", "eval_blind"}
+    assert (
+        set(results["stage1"]) >= {"caption_accuracy", "n", "final_loss"} and results["stage1"]["steps"] == 2
+    )
+    assert results["seconds"] > 0 and set(results["phases"]) == {
+        "fetch",
+        "data",
+        "stage1",
+        "eval_stage1",
+        "stage2",
+        "eval",
+        "eval_blind",
+    }
     assert results["settings"]["schedule"] == "quick" and results["settings"]["connector"] == "mlp"
-    for path in ("data/manifest.json", "stage1/summary.json", "stage2/summary.json", "eval/scores.json", "logs/stage2.log"):
+    for path in (
+        "data/manifest.json",
+        "stage1/summary.json",
+        "stage2/summary.json",
+        "eval/scores.json",
+        "logs/stage2.log",
+    ):
         assert (out / path).is_file(), path
     assert list((out / "stage2").glob("checkpoint-*/COMPLETE"))
     run = (out / "logs" / "stage2.log").read_text().splitlines()[0]
-    assert " -m mllm train --stage 2 " in run and "--llm-mode lora" in run  # the user's command, not a shortcut
+    assert (
+        " -m mllm train --stage 2 " in run and "--llm-mode lora" in run
+    )  # the user's command, not a shortcut
 
 
 @pytest.mark.slow
 @pytest.mark.demo
 def test_blind_baseline_really_shows_other_images(quick_demo):
     seen = [json.loads(line) for line in (quick_demo / "eval" / "predictions.jsonl").read_text().splitlines()]
-    blind = [json.loads(line) for line in (quick_demo / "eval_blind" / "predictions.jsonl").read_text().splitlines()]
+    blind = [
+        json.loads(line)
+        for line in (quick_demo / "eval_blind" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert [r["id"] for r in seen] == [r["id"] for r in blind]
-    assert all(b["own_images"] == s["images"] for s, b in zip(seen, blind))
-    assert all(b["images"] != s["images"] for s, b in zip(seen, blind))
+    assert all(b["own_images"] == s["images"] for s, b in zip(seen, blind, strict=True))
+    assert all(b["images"] != s["images"] for s, b in zip(seen, blind, strict=True))
     assert len({tuple(b["images"]) for b in blind}) > 1
 
 
@@ -87,11 +109,20 @@ def test_stage_commands_parse_as_the_training_config_they_mean(tmp_path, schedul
         add_config_arguments(parser)
         configs.append(resolve_config(parser.parse_args(cmd[4:])))
     one, two = configs
-    assert one.stage == 1 and one.llm_mode == "frozen" and one.connector == connector and one.vision_kind == "efficientnet-lite0"
+    assert (
+        one.stage == 1
+        and one.llm_mode == "frozen"
+        and one.connector == connector
+        and one.vision_kind == "efficientnet-lite0"
+    )
     assert one.vision_pool == (3 if connector == "mlp" else 1) and one.max_steps == settings.stage1.steps
     assert two.stage == 2 and two.llm_mode == "lora" and two.init_from == str(tmp_path / "stage1")
     assert (two.lora_r, two.lora_alpha, two.lr) == (settings.lora_r, settings.lora_alpha, settings.stage2.lr)
-    assert two.max_steps == settings.stage2.steps and two.data.endswith("demo_stage2.yaml") and two.resume == "no"
+    assert (
+        two.max_steps == settings.stage2.steps
+        and two.data.endswith("demo_stage2.yaml")
+        and two.resume == "no"
+    )
 
 
 def test_report_shows_accuracy_blind_gap_times_and_the_chat_command(tmp_path):
@@ -113,7 +144,9 @@ def test_report_shows_accuracy_blind_gap_times_and_the_chat_command(tmp_path):
     text = format_report(results)
     assert "overall      1006     92.0%     66.0%  +26.0" in text
     assert "color         139     97.0%     12.0%  +85.0" in text
-    assert "stage2 500s" in text and "total 15.0 min" in text and f"mllm chat {tmp_path}/stage2 --image" in text
+    assert (
+        "stage2 500s" in text and "total 15.0 min" in text and f"mllm chat {tmp_path}/stage2 --image" in text
+    )
 
 
 def test_unknown_schedule_or_connector_is_refused():

@@ -20,7 +20,11 @@ ESPRESSO = 967  # ImageNet-1k class index
 def photos() -> list[Image.Image]:
     import skimage.data
 
-    return [Image.fromarray(skimage.data.coffee()), Image.fromarray(skimage.data.chelsea()), Image.fromarray(skimage.data.astronaut())]
+    return [
+        Image.fromarray(skimage.data.coffee()),
+        Image.fromarray(skimage.data.chelsea()),
+        Image.fromarray(skimage.data.astronaut()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,9 @@ def test_in_a_multimodal_model_only_the_connector_learns(backbones, photos):
     k = model.num_image_tokens
     ids = torch.tensor([[5] + [IMAGE_TOKEN_ID] * k + [6, 7, 8]])
     labels = torch.tensor([[-100] * (k + 2) + [7, 8]])
-    out = model(ids, labels=labels, pixel_values=model.vision.preprocess(photos[:1]), image_counts=torch.tensor([1]))
+    out = model(
+        ids, labels=labels, pixel_values=model.vision.preprocess(photos[:1]), image_counts=torch.tensor([1])
+    )
     out.loss.backward()
     assert k == 9 and torch.isfinite(out.loss)
     assert model.connector.linear_1.weight.grad is not None

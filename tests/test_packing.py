@@ -23,8 +23,12 @@ def test_pack_rows_first_fit_decreasing():
 
 
 def _item(ids, labels, n_images, sid, image_shape=(3, 4, 4), fill=0.0):
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-            "pixel_values": torch.full((n_images, *image_shape), fill), "id": sid}
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "pixel_values": torch.full((n_images, *image_shape), fill),
+        "id": sid,
+    }
 
 
 def test_collator_layout():
@@ -37,7 +41,10 @@ def test_collator_layout():
     assert batch["input_ids"].tolist() == [[1, -200, -200, 5, 6, 8, -200, -200, 9], [2, 3, 4] + [PAD] * 6]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4, 5]]
     # each sample's first label is never a target (the token before it belongs to another sample)
-    assert batch["labels"].tolist() == [[-100, -100, -100, 5, 6, -100, -100, -100, 9], [-100, 3, 4] + [-100] * 6]
+    assert batch["labels"].tolist() == [
+        [-100, -100, -100, 5, 6, -100, -100, -100, 9],
+        [-100, 3, 4] + [-100] * 6,
+    ]
     assert batch["attention_mask"] is None
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 3.0]  # row-major image order: a's, then c's
     assert batch["image_counts"].tolist() == [2, 0] and batch["sample_ids"] == [["a", "c"], ["b"]]
@@ -61,7 +68,14 @@ def _samples(model, seed=0):
         ids = p[:1] + ([IMAGE_TOKEN_ID] * k if image else []) + p[1:] + a
         labels = [-100] * (len(ids) - answer) + a
         pixels = torch.randn(1 if image else 0, 3, size, size, generator=g)
-        items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels, "id": f"s{n}"})
+        items.append(
+            {
+                "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels),
+                "pixel_values": pixels,
+                "id": f"s{n}",
+            }
+        )
     return items
 
 
@@ -70,7 +84,11 @@ def _loss_sum_and_grads(model, batch):
     keys = ("input_ids", "attention_mask", "labels", "pixel_values", "image_counts", "position_ids")
     out = model(**{k: batch[k] for k in keys if batch.get(k) is not None})
     out.loss_sum.backward()
-    return out.loss_sum.detach(), int(out.num_tokens), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return (
+        out.loss_sum.detach(),
+        int(out.num_tokens),
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+    )
 
 
 @pytest.mark.parametrize("llm", ["llama", "qwen2"])
@@ -87,6 +105,29 @@ def test_packed_and_unpacked_losses_and_gradients_are_equal(tiny_config, llm):
     assert torch.allclose(loss_p, loss_u, rtol=1e-5)
     for name in grads_u:
         assert torch.allclose(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_explicit_block_mask_is_the_same_computation(tiny_config, attn):
+    from mllm.bench.ours import with_explicit_mask
+
+    cfg = tiny_config("clip", "llama", "mlp", mode="full")
+    cfg.attn_implementation = attn
+    model = build_model(cfg)
+    additive = torch.float32 if attn == "eager" else None
+    items = _samples(model, seed=3)
+    lengths = sorted(it["input_ids"].numel() for it in items)
+    for batch in (
+        PackingCollator(PAD, row_width=lengths[-1] + lengths[-2])(items),
+        PackingCollator(PAD, pack=False)(items),
+    ):
+        explicit = with_explicit_mask(batch, additive)
+        assert explicit["attention_mask"].dim() == 4
+        assert explicit["attention_mask"].dtype == (additive or torch.bool)
+        loss_a, n_a, grads_a = _loss_sum_and_grads(model, batch)
+        loss_b, n_b, grads_b = _loss_sum_and_grads(model, explicit)
+        assert n_a == n_b and torch.allclose(loss_a, loss_b, rtol=1e-5)
+        assert all(torch.allclose(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-6) for n in grads_a)
 
 
 def test_no_attention_across_packed_samples(tiny_config):

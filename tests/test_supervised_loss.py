@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mllm.bench.ours import full_vocabulary_loss, supervised_loss
@@ -27,7 +29,13 @@ def _batch(model, seed: int = 0) -> dict:
         ids[r, : len(i)], labels[r, : len(lab)], mask[r, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
     size = model.vision.image_size
     pixels = torch.randn(1, 3, size, size, generator=g)
-    return dict(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=pixels, image_counts=torch.tensor([1, 0]))
+    return dict(
+        input_ids=ids,
+        labels=labels,
+        attention_mask=mask,
+        pixel_values=pixels,
+        image_counts=torch.tensor([1, 0]),
+    )
 
 
 def _loss_and_grads(model, loss_fn, batch):
@@ -46,6 +54,18 @@ def test_supervised_positions_only_match_the_full_computation(tiny_config):
     assert grads_s.keys() == grads_f.keys() and any(n.startswith("llm.") for n in grads_s)
     for name in grads_s:
         assert torch.allclose(grads_s[name], grads_f[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_chunked_head_matches_the_full_computation(tiny_config):
+    model = build_model(tiny_config("clip", "llama", "mlp", mode="full"))
+    batch = _batch(model, seed=2)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    loss_f, grads_f = _loss_and_grads(model, full_vocabulary_loss, batch)
+    for chunk in (1, 4, n - 1):  # several chunks, uneven last chunk
+        loss_c, grads_c = _loss_and_grads(model, functools.partial(supervised_loss, chunk_size=chunk), batch)
+        assert torch.allclose(loss_c, loss_f, rtol=1e-5, atol=1e-6)
+        for name in grads_f:
+            assert torch.allclose(grads_c[name], grads_f[name], rtol=1e-4, atol=1e-6), (chunk, name)
 
 
 def test_supervised_loss_counts_only_supervised_tokens(tiny_config):

@@ -105,6 +105,7 @@ def falls(output, by: float) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_stage1_then_lora_then_qlora(backbones, peaked_llm, colours, tmp_path):
     s1 = config(backbones, colours, tmp_path / "s1", llm=peaked_llm, max_steps=16, save_every=8, keep_last=1)
     summary, changed, names = run_and_diff(s1)
@@ -151,7 +152,9 @@ def test_stage1_then_lora_then_qlora(backbones, peaked_llm, colours, tmp_path):
     assert saved["model"]["llm"]["mode"] == "qlora"
 
 
-def test_stop_at_step_k_and_resume_matches_an_uninterrupted_run(backbones, colours, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["", "z3.json"])
+def test_stop_at_step_k_and_resume_matches_an_uninterrupted_run(backbones, colours, tmp_path, zero):
     # stage 2 LoRA with dropout: resuming must restore weights, optimizer, schedule, data position and RNG.
     kw = dict(
         max_steps=7,
@@ -163,6 +166,7 @@ def test_stop_at_step_k_and_resume_matches_an_uninterrupted_run(backbones, colou
         lr=3e-3,
         warmup_ratio=0.3,
     )
+    kw["zero"] = str(ROOT / "zero_configs" / zero) if zero else ""
     full = config(
         backbones, colours, tmp_path / "full", stage=2, num_workers=2, **kw
     )  # workers prefetch ahead

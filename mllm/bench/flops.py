@@ -56,9 +56,16 @@ def model_sizes(vision_dir: str, llm_dir: str) -> ModelSizes:
         llm = AutoModelForCausalLM.from_config(lcfg)
         vis = CLIPVisionModel(vcfg)
     # a tied head is still a head: count every use of a parameter, then drop the input-embedding lookup
-    n_llm = sum(p.numel() for _, p in llm.named_parameters(remove_duplicate=False)) - llm.get_input_embeddings().weight.numel()
+    n_llm = (
+        sum(p.numel() for _, p in llm.named_parameters(remove_duplicate=False))
+        - llm.get_input_embeddings().weight.numel()
+    )
     emb = _embeddings(vis)
-    n_vis = sum(p.numel() for p in vis.parameters()) - emb.position_embedding.weight.numel() - emb.class_embedding.numel()
+    n_vis = (
+        sum(p.numel() for p in vis.parameters())
+        - emb.position_embedding.weight.numel()
+        - emb.class_embedding.numel()
+    )
     patches = (vcfg.image_size // vcfg.patch_size) ** 2
     dv, dl = vcfg.hidden_size, lcfg.hidden_size
     n_proj = dv * dl + dl + dl * dl + dl  # the mlp2x_gelu projector, with biases

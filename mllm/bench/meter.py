@@ -67,6 +67,8 @@ class StepMeter:
     """
 
     warmup: int
+    measures_wait: bool = True
+    """False where the loop's data wait cannot be observed (inside transformers.Trainer): reported as None."""
     steps: int = 0
     samples: int = 0
     real_tokens: int = 0
@@ -82,10 +84,13 @@ class StepMeter:
     _cpu0: tuple[float, float] = (0.0, 0.0)
     _cpu_end: tuple[float, float] = (0.0, 0.0)
     losses: list[float] = field(default_factory=list)
+    _created: float = field(default_factory=time.perf_counter)
     worker_peak_rss_mb: float = 0.0
     """Largest DataLoader-worker peak RSS seen at any step end (workers are gone by the time the run ends)."""
 
-    def batch(self, lengths: list[int], images: list[int], slots: int, supervised: int, wait_s: float = 0.0) -> None:
+    def batch(
+        self, lengths: list[int], images: list[int], slots: int, supervised: int, wait_s: float = 0.0
+    ) -> None:
         self._pending.append((lengths, images, slots, supervised, wait_s))
 
     def step_end(self, loss: float | None = None) -> None:
@@ -119,6 +124,7 @@ class StepMeter:
         elapsed = self._t_end - self._t0
         return {
             "timed_steps": self.timed_steps,
+            "warmup_wall_s": self._t0 - self._created,
             "elapsed_s": elapsed,
             "samples": self.samples,
             "samples_per_s": self.samples / elapsed,
@@ -126,14 +132,15 @@ class StepMeter:
             "real_tokens_per_s": self.real_tokens / elapsed,
             "padding_share": 1 - self.real_tokens / max(self.slot_tokens, 1),
             "supervised_tokens": self.supervised_tokens,
-            "data_wait_s": self.data_wait_s,
-            "data_wait_share": self.data_wait_s / elapsed,
+            "data_wait_s": self.data_wait_s if self.measures_wait else None,
+            "data_wait_share": self.data_wait_s / elapsed if self.measures_wait else None,
             "final_loss": self.losses[-1] if self.losses else None,
             "worker_peak_rss_mb": self.worker_peak_rss_mb,
             # CPU seconds are robust to other processes sharing the cores (wall time is not): a second opinion
             "cpu_s": self._cpu_end[0] - self._cpu0[0],
             "worker_cpu_s": self._cpu_end[1] - self._cpu0[1],
-            "samples_per_cpu_s": self.samples / max(self._cpu_end[0] - self._cpu0[0] + self._cpu_end[1] - self._cpu0[1], 1e-9),
+            "samples_per_cpu_s": self.samples
+            / max(self._cpu_end[0] - self._cpu0[0] + self._cpu_end[1] - self._cpu0[1], 1e-9),
             "lengths": self.lengths,
             "images": self.images,
         }

@@ -117,15 +117,26 @@ class ReferenceCollator:
         return batch
 
 
-def run_reference(work: Work, stage: int, steps: int, warmup: int, batch_size: int, lr: float,
-                  dtype: torch.dtype, samples: int | None, workers: int = 1, seed: int = 0) -> dict:
+def run_reference(
+    work: Work,
+    stage: int,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    lr: float,
+    dtype: torch.dtype,
+    samples: int | None,
+    workers: int = 1,
+    seed: int = 0,
+    compile: bool = False,
+) -> dict:
     from transformers import CLIPImageProcessor, Trainer, TrainerCallback, TrainingArguments
 
     torch.manual_seed(seed)
     model, tokenizer, image_token_id, patches = build_llava(work, dtype)
     set_trainability(model, stage)
     train = hf_dataset(work, stage, tokenizer, image_token_id, patches, samples)
-    meter = StepMeter(warmup=warmup)
+    meter = StepMeter(warmup=warmup, measures_wait=False)
     image_id = image_token_id
 
     class MeteredTrainer(Trainer):
@@ -147,7 +158,8 @@ def run_reference(work: Work, stage: int, steps: int, warmup: int, batch_size: i
         args = TrainingArguments(
             output_dir=out,
             per_device_train_batch_size=batch_size,
-            max_steps=warmup + steps,
+            max_steps=warmup + steps if steps > 0 else -1,  # 0 timed steps asked = one full epoch
+            num_train_epochs=1,
             learning_rate=lr,
             lr_scheduler_type="constant",
             weight_decay=0.0,
@@ -165,18 +177,34 @@ def run_reference(work: Work, stage: int, steps: int, warmup: int, batch_size: i
             logging_strategy="no",
             disable_tqdm=True,
             seed=seed,
+            torch_compile=compile,
         )
-        trainer = MeteredTrainer(model=model, args=args, train_dataset=train, data_collator=ReferenceCollator(tokenizer.pad_token_id, CLIPImageProcessor.from_pretrained(work.vision)),
-                                 callbacks=[Clock()])
+        trainer = MeteredTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            data_collator=ReferenceCollator(
+                tokenizer.pad_token_id, CLIPImageProcessor.from_pretrained(work.vision)
+            ),
+            callbacks=[Clock()],
+        )
         t = time.perf_counter()
         out_state = trainer.train()
         wall = time.perf_counter() - t
     result = meter.result()
     result.update(
         side="reference",
-        settings={"trainer": "transformers.Trainer", "model": "LlavaForConditionalGeneration", "attn": "sdpa",
-                  "sampling": "group_by_length (precomputed lengths)", "dataloader_workers": workers,
-                  "optim": "adamw_torch_fused", "dtype": str(dtype).removeprefix("torch."), "bf16_autocast": dtype == torch.bfloat16},
+        settings={
+            "trainer": "transformers.Trainer",
+            "model": "LlavaForConditionalGeneration",
+            "attn": "sdpa",
+            "sampling": "group_by_length (precomputed lengths)",
+            "dataloader_workers": workers,
+            "optim": "adamw_torch_fused",
+            "dtype": str(dtype).removeprefix("torch."),
+            "bf16_autocast": dtype == torch.bfloat16,
+            "torch_compile": compile,
+        },
         train_wall_s=wall,
         train_loss=out_state.training_loss,
         peak_rss_mb=peak_rss_mb(),

@@ -7,15 +7,35 @@ from mllm.bench.flops import ModelSizes, sample_flops
 TARGETS = {1: 1.5, 2: 1.3}
 """mllm / reference samples/s the bench must reach on each stage (and peak RSS no higher than the reference's)."""
 
-SUMMARY_KEYS = ("samples_per_s", "real_tokens_per_s", "padding_share", "peak_rss_mb", "worker_peak_rss_mb", "mfu",
-                "achieved_tflops", "data_wait_share", "samples_per_cpu_s", "cpu_s", "worker_cpu_s", "timed_steps", "samples", "elapsed_s", "mean_length",
-                "flops_per_sample", "epoch_estimate_s", "final_loss")
+SUMMARY_KEYS = (
+    "samples_per_s",
+    "real_tokens_per_s",
+    "padding_share",
+    "peak_rss_mb",
+    "worker_peak_rss_mb",
+    "mfu",
+    "achieved_tflops",
+    "data_wait_share",
+    "samples_per_cpu_s",
+    "cpu_s",
+    "worker_cpu_s",
+    "timed_steps",
+    "samples",
+    "elapsed_s",
+    "mean_length",
+    "flops_per_sample",
+    "epoch_estimate_s",
+    "final_loss",
+)
 
 
 def summarise(raw: dict, sizes: ModelSizes, peak_flops: float, stage: int) -> dict:
     """A side's result with FLOPs, MFU and an epoch estimate added; per-sample lists dropped."""
     out = {k: v for k, v in raw.items() if k not in ("lengths", "images")}
-    flops = sum(sample_flops(sizes, t, i, llm_trained=stage == 2) for t, i in zip(raw["lengths"], raw["images"]))
+    flops = sum(
+        sample_flops(sizes, t, i, llm_trained=stage == 2)
+        for t, i in zip(raw["lengths"], raw["images"], strict=True)
+    )
     out["flops"] = flops
     out["flops_per_sample"] = flops / max(raw["samples"], 1)
     out["achieved_tflops"] = flops / raw["elapsed_s"] / 1e12
@@ -82,8 +102,10 @@ def format_report(result: dict) -> str:
         lines.append(f"{key:<22}{_fmt(key, r):>14}{_fmt(key, o):>14}{ratio:>10}")
     fill = ours.get("settings", {}).get("cache_fill_s")
     if fill is not None:
-        lines.append(f"mllm feature cache: {ours['settings']['cache_filled_images']} image(s) computed this run "
-                     f"in {fill:.1f} s (reused by later epochs, stages and runs)")
+        lines.append(
+            f"mllm feature cache: {ours['settings']['cache_filled_images']} image(s) computed this run "
+            f"in {fill:.1f} s (reused by later epochs, stages and runs)"
+        )
     v = result["verdict"]
     lines.append(
         f"verdict: samples/s ratio {result['ratio']['samples_per_s']:.2f}× (target ≥ {v['target_samples_per_s_ratio']}×) "
@@ -91,14 +113,19 @@ def format_report(result: dict) -> str:
         f"{'MET' if v['rss_met'] else 'NOT MET'}"
     )
     if result.get("levers"):
-        lines += ["", "levers (mllm with one lever off; ratios against the reference of this run):",
-                  f"{'off':<18}{'samples/s':>11}{'vs ref':>9}{'vs all on':>11}{'tokens/s':>11}{'padding':>9}{'RSS MiB':>9}"
-                  f"{'data wait':>11}"]
-        rows = [{"lever": "(all on)", **ours}] + result["levers"]
-        for row in rows:
+        base = result["levers_base"]
+        lines += [
+            "",
+            f"levers: mllm with one lever off, {base['timed_steps']} timed steps on the same batches as the "
+            "all-on row; 'MFU vs ref' = length-normalised speed against the reference above",
+            f"{'off':<18}{'samples/s':>11}{'vs all on':>11}{'MFU vs ref':>12}{'per CPU-s':>11}{'vs all on':>11}"
+            f"{'tokens/s':>10}{'padding':>9}{'RSS MiB':>9}{'data wait':>11}",
+        ]
+        for row in [{"lever": "(all on)", **base}] + result["levers"]:
             lines.append(
-                f"{row['lever']:<18}{row['samples_per_s']:>11.2f}{row['samples_per_s'] / ref['samples_per_s']:>8.2f}×"
-                f"{row['samples_per_s'] / ours['samples_per_s']:>10.2f}×{row['real_tokens_per_s']:>11,.0f}"
+                f"{row['lever']:<18}{row['samples_per_s']:>11.2f}{row['samples_per_s'] / base['samples_per_s']:>10.2f}×"
+                f"{row['mfu'] / ref['mfu']:>11.2f}×{row['samples_per_cpu_s']:>11.2f}"
+                f"{row['samples_per_cpu_s'] / base['samples_per_cpu_s']:>10.2f}×{row['real_tokens_per_s']:>10,.0f}"
                 f"{100 * row['padding_share']:>8.1f}%{row['peak_rss_mb']:>9,.0f}{100 * row['data_wait_share']:>10.1f}%"
             )
     return "\n".join(lines)

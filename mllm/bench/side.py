@@ -28,8 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bf16", "fp32"), required=True)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--off", action="append", default=[], choices=Levers.names(), help="switch a lever off (mllm side)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--off", action="append", default=[], choices=Levers.names(), help="switch a lever off (mllm side)"
+    )
+    p.add_argument(
+        "--reference-compile", action="store_true", help="reference side: Trainer's torch_compile=True"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
 
@@ -49,13 +56,23 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
-    common = dict(work=work, stage=a.stage, steps=a.steps, warmup=a.warmup, batch_size=a.batch_size, lr=a.lr,
-                  dtype=dtype, samples=a.samples)
+    common = dict(
+        work=work,
+        stage=a.stage,
+        steps=a.steps,
+        warmup=a.warmup,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        dtype=dtype,
+        samples=a.samples,
+    )
     if a.side == "reference":
-        result = run_reference(**common)
+        result = run_reference(**common, compile=a.reference_compile)
     else:
         levers = Levers(**{name: False for name in a.off})
-        result = run_mllm(**common, levers=levers, cache_dir=a.cache_dir or os.path.join(a.work, "feature_cache"))
+        result = run_mllm(
+            **common, levers=levers, cache_dir=a.cache_dir or os.path.join(a.work, "feature_cache")
+        )
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(result, f)
 

@@ -1,7 +1,7 @@
 """A tiny benchmark work in the layout of the shared `make_work.py`, for tests: seconds to build, seconds to run.
 
-    vision/  tiny CLIP vision tower + image processor     llm/  tiny Llama + BPE tokenizer with an <image> token
-    images/  JPEGs      pretrain.json, instruct.json  LLaVA conversation data (stage 2: varied lengths, some text-only)
+vision/  tiny CLIP vision tower + image processor     llm/  tiny Llama + BPE tokenizer with an <image> token
+images/  JPEGs      pretrain.json, instruct.json  LLaVA conversation data (stage 2: varied lengths, some text-only)
 """
 
 from __future__ import annotations
@@ -31,10 +31,17 @@ def _make_llm(out: str, size: TinySize, seed: int) -> None:
     tok = make_tokenizer("llama", size.vocab)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=size.llm_hidden, intermediate_size=2 * size.llm_hidden,
-        num_hidden_layers=size.llm_layers, num_attention_heads=size.llm_heads,
-        num_key_value_heads=size.llm_kv_heads, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=size.llm_hidden,
+        intermediate_size=2 * size.llm_hidden,
+        num_hidden_layers=size.llm_layers,
+        num_attention_heads=size.llm_heads,
+        num_key_value_heads=size.llm_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -51,11 +58,18 @@ def make_tiny_work(out: str, samples: int = 24, seed: int = 0) -> str:
     _make_llm(os.path.join(out, "llm"), size, seed)
     g = np.random.default_rng(seed)
     for i in range(samples):
-        Image.fromarray(g.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(os.path.join(out, "images", f"{i:04d}.jpg"))
+        Image.fromarray(g.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            os.path.join(out, "images", f"{i:04d}.jpg")
+        )
     pretrain = [
-        {"id": f"p{i}", "image": f"{i:04d}.jpg", "conversations": [
-            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nDescribe the image."},
-            {"from": "gpt", "value": _text(rng, 3, 12)}]}
+        {
+            "id": f"p{i}",
+            "image": f"{i:04d}.jpg",
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\nDescribe the image."},
+                {"from": "gpt", "value": _text(rng, 3, 12)},
+            ],
+        }
         for i in range(samples)
     ]
     instruct = []
@@ -63,8 +77,10 @@ def make_tiny_work(out: str, samples: int = 24, seed: int = 0) -> str:
         turns = rng.choice([1, 1, 2, 3])
         conv = []
         for _ in range(turns):
-            conv += [{"from": "human", "value": _text(rng, 3, 8)[:-1] + "?"},
-                     {"from": "gpt", "value": _text(rng, 1, rng.choice([4, 20, 40]))}]
+            conv += [
+                {"from": "human", "value": _text(rng, 3, 8)[:-1] + "?"},
+                {"from": "gpt", "value": _text(rng, 1, rng.choice([4, 20, 40]))},
+            ]
         rec = {"id": f"i{i}", "conversations": conv}
         if i % 6:  # every sixth sample is text-only
             rec["image"] = f"{i:04d}.jpg"

@@ -35,7 +35,11 @@ class Work:
         return os.path.join(self.root, STAGE_FILES[stage])
 
     def check(self) -> Work:
-        missing = [p for p in (self.vision, self.llm, *(self.data_file(s) for s in STAGE_FILES)) if not os.path.exists(p)]
+        missing = [
+            p
+            for p in (self.vision, self.llm, *(self.data_file(s) for s in STAGE_FILES))
+            if not os.path.exists(p)
+        ]
         if missing:
             raise FileNotFoundError(
                 f"benchmark work incomplete in {self.root}: missing {', '.join(missing)}; "
@@ -44,7 +48,9 @@ class Work:
         return self
 
 
-def stage_dataset(work: Work, stage: int, tokenizer, image_tokens: int, preprocess, samples: int | None = None):
+def stage_dataset(
+    work: Work, stage: int, tokenizer, image_tokens: int, preprocess, samples: int | None = None
+):
     """The stage's `MultimodalDataset` (first `samples` records, or all), exact lengths known up front."""
     from mllm.data import build_dataset, load_recipe
 

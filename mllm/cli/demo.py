@@ -8,12 +8,22 @@ from mllm.cli import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default="runs/demo", help="run folder: data, stage1/, stage2/, eval*/, results.json")
+    p.add_argument(
+        "--output", default="runs/demo", help="run folder: data, stage1/, stage2/, eval*/, results.json"
+    )
     p.add_argument("--connector", choices=["mlp", "qformer", "resampler"], default="mlp")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a few steps on a few samples (CI; accuracy meaningless)")
-    mode.add_argument("--full", action="store_true", help="all 4,000 training images, a long schedule (GPU, or hours on CPU)")
-    p.add_argument("--backbones", help="where fetched backbones are cached (default: ~/.cache/mllm/backbones)")
+    mode.add_argument(
+        "--quick", action="store_true", help="a few steps on a few samples (CI; accuracy meaningless)"
+    )
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="all 4,000 training images, a long schedule (GPU, or hours on CPU)",
+    )
+    p.add_argument(
+        "--backbones", help="where fetched backbones are cached (default: ~/.cache/mllm/backbones)"
+    )
     p.add_argument("--quiet", action="store_true", help="keep the phases' own output in <output>/logs/ only")
 
 
@@ -22,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
     schedule = "quick" if args.quick else "full" if args.full else "default"
     try:
-        Demo(args.output, demo_settings(schedule, args.connector), args.backbones, stream=not args.quiet).run()
+        Demo(
+            args.output, demo_settings(schedule, args.connector), args.backbones, stream=not args.quiet
+        ).run()
     except DemoError as e:
         raise UserError(str(e)) from None
     return 0

@@ -18,7 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mllm.train import resolve_config, train
+    from mllm.train.distributed import quiet_library_deprecations
+    from mllm.train.stop import exit_code
+
+    quiet_library_deprecations()
 
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("command", "debug")})
-    train(resolve_config(options))
-    return 0
+    return exit_code(train(resolve_config(options)))

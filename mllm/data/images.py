@@ -6,6 +6,7 @@ import io
 import os
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mllm.data.errors import BadSampleError
@@ -54,13 +55,13 @@ def _decode(fp, max_pixels: int, what: str) -> Image.Image:
             img = Image.open(fp)
             _check_size(img, max_pixels, what)
             img.load()
+            return _finish(img, max_pixels, what)  # EXIF and mode conversion read the file too: same guard
     except Image.DecompressionBombError as e:
         raise BadSampleError("oversized_image", f"{what}: {e}") from None
     except BadSampleError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSampleError("unreadable_image", f"{what}: cannot decode ({type(e).__name__}: {e})") from None
-    return _finish(img, max_pixels, what)
 
 
 def _check_size(img: Image.Image, max_pixels: int, what: str) -> None:
@@ -73,5 +74,27 @@ def _check_size(img: Image.Image, max_pixels: int, what: str) -> None:
 
 def _finish(img: Image.Image, max_pixels: int, what: str) -> Image.Image:
     _check_size(img, max_pixels, what)
-    img = ImageOps.exif_transpose(img)
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Integer grey modes; PIL opens 16-bit grey PNG/TIFF in these (`I` is taken to hold 16-bit values too)."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB as a viewer shows the image: 16-bit samples scaled down, transparency composited on white.
+
+    PIL's own `convert("RGB")` clips 16-bit values (most of the range turns white) and drops alpha (transparent
+    areas show whatever colour they store, often black); the white background follows transformers'
+    `convert_to_rgb`.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.int64) >> 8
+        img = Image.fromarray(grey.clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

@@ -5,7 +5,7 @@ name these files relative to their own folder):
 
     images/train/<id>.png, images/test/<id>.png
     stage1.json   one caption per training image        ("A blue triangle.")
-    stage2.json   one question per sample, train split   (yes/no balanced per wording)
+    stage2.json   one question per sample, train split   (yes/no optionally balanced per wording)
     test.json     questions of held-out test images, each with its `question_type`
     test_captions.json  captions of those test images (checks what stage 1 learned)
     manifest.json what was built, from what, with which settings
@@ -36,7 +36,9 @@ class DemoData:
     """At least this many held-out questions, all questions of as many test images as that takes."""
     balance_yes_no: bool = True
     """Equal yes and no answers for each wording kind (negated or not × asks colour or shape), so that the
-    wording alone cannot answer a training question: easy-VQA's raw "is there a red shape?" is "no" 88% of the time."""
+    wording alone cannot answer a training question: easy-VQA's raw "is there a red shape?" is "no" 88% of
+    the time. Measured: with it, 400 LoRA steps leave yes/no at chance (the model never learns to compare
+    question and image that fast); without it the model learns the wording prior (~82% on yes/no)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -75,7 +77,12 @@ def build_demo_data(out: str, cfg: DemoData) -> dict:
         "test": _counts(test) | {"images": len(test_ids)},
         "test_captions": {"samples": len(test_captions)},
     }
-    files = {"stage1.json": stage1, "stage2.json": stage2, "test.json": test, "test_captions.json": test_captions}
+    files = {
+        "stage1.json": stage1,
+        "stage2.json": stage2,
+        "test.json": test,
+        "test_captions.json": test_captions,
+    }
     for name, rows in (*files.items(), ("manifest.json", manifest)):
         _write_json(os.path.join(out, name), rows)
     return manifest
@@ -97,7 +104,9 @@ def _held_out(questions: list[Question], at_least: int, rng: random.Random) -> l
     return picked
 
 
-def _stage2_questions(questions: list[Question], cfg: DemoData, rng: random.Random) -> list[tuple[int, Question]]:
+def _stage2_questions(
+    questions: list[Question], cfg: DemoData, rng: random.Random
+) -> list[tuple[int, Question]]:
     indexed = list(enumerate(questions))
     if not cfg.balance_yes_no:
         return indexed
@@ -132,7 +141,10 @@ def _caption_sample(image_id: int, note: Annotation, split: str = "train") -> di
 
 
 def _qa_sample(sample_id: str, q: Question, split: str) -> dict:
-    turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q.question}"}, {"from": "gpt", "value": q.answer}]
+    turns = [
+        {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q.question}"},
+        {"from": "gpt", "value": q.answer},
+    ]
     return {"id": sample_id, "image": _image_path(split, q.image_id), "conversations": turns}
 
 
@@ -154,7 +166,11 @@ def _counts(samples: list[dict]) -> dict:
         answer = s["conversations"][-1]["value"]
         by_type[question_type(answer)] += 1
         answers[answer] += 1
-    return {"samples": len(samples), "by_type": dict(sorted(by_type.items())), "answers": dict(sorted(answers.items()))}
+    return {
+        "samples": len(samples),
+        "by_type": dict(sorted(by_type.items())),
+        "answers": dict(sorted(answers.items())),
+    }
 
 
 def _write_json(path: str, data) -> None:

@@ -76,7 +76,7 @@ def load_questions(split: str) -> list[Question]:
     if getter is None:
         raise ValueError(f"easy-VQA split must be train or test, got {split!r}")
     texts, answers, image_ids = getter()
-    return [Question(int(i), q, a) for q, a, i in zip(texts, answers, image_ids)]
+    return [Question(int(i), q, a) for q, a, i in zip(texts, answers, image_ids, strict=True)]
 
 
 def image_paths(split: str) -> dict[int, str]:
@@ -103,7 +103,12 @@ def annotate(questions: list[Question]) -> dict[int, Annotation]:
         present = (q.answer == "yes") != q.negated
         (seen if present else ruled_out)[kind][q.image_id].update(named)
     image_ids = sorted({q.image_id for q in questions})
-    return {i: Annotation(_resolve(i, "color", COLORS, seen, ruled_out), _resolve(i, "shape", SHAPES, seen, ruled_out)) for i in image_ids}
+    return {
+        i: Annotation(
+            _resolve(i, "color", COLORS, seen, ruled_out), _resolve(i, "shape", SHAPES, seen, ruled_out)
+        )
+        for i in image_ids
+    }
 
 
 def _resolve(image_id: int, kind: str, values: tuple[str, ...], seen, ruled_out) -> str | None:

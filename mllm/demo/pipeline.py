@@ -40,14 +40,18 @@ def shipped_recipes_dir() -> Path:
     folder = Path(__file__).resolve().parents[2] / "data_recipes"
     missing = [name for name in RECIPES if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"the demo recipes {missing} are not in {folder}; run the demo from an mllm source checkout")
+        raise FileNotFoundError(
+            f"the demo recipes {missing} are not in {folder}; run the demo from an mllm source checkout"
+        )
     return folder
 
 
 class Demo:
     """One demo run into `output`; `run()` returns the results dict also written to results.json."""
 
-    def __init__(self, output: str, settings: DemoSettings, backbones: str | None = None, stream: bool = True):
+    def __init__(
+        self, output: str, settings: DemoSettings, backbones: str | None = None, stream: bool = True
+    ):
         self.out = Path(output).resolve()
         self.settings = settings
         self.backbones = Path(backbones or default_backbones_dir()).resolve()
@@ -108,8 +112,23 @@ class Demo:
         self.execute(f"stage{stage}", train_command(stage, self.settings, llm, self.data_dir, self.out))
 
     def evaluate(self, stage_dir: str, recipe: str, name: str, swap_images: bool = False) -> dict:
-        cmd = [sys.executable, "-m", "mllm", "eval", str(self.out / stage_dir), "--data", str(self.data_dir / recipe)]
-        cmd += ["--output", str(self.out / name), "--batch-size", str(self.settings.eval_batch_size), "--max-new-tokens", "8"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mllm",
+            "eval",
+            str(self.out / stage_dir),
+            "--data",
+            str(self.data_dir / recipe),
+        ]
+        cmd += [
+            "--output",
+            str(self.out / name),
+            "--batch-size",
+            str(self.settings.eval_batch_size),
+            "--max-new-tokens",
+            "8",
+        ]
         if swap_images:
             cmd += ["--swap-images", "--seed", str(self.settings.seed)]
         self.execute(name, cmd)
@@ -122,7 +141,9 @@ class Demo:
         with open(log_path, "w") as log:
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            )
             for line in proc.stdout:
                 log.write(line)
                 if self.stream:
@@ -131,7 +152,9 @@ class Demo:
             code = proc.wait()
         if code != 0:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-            raise DemoError(f"phase {name} failed (exit {code}); full log: {log_path}\n$ {shlex.join(cmd)}\n{tail}")
+            raise DemoError(
+                f"phase {name} failed (exit {code}); full log: {log_path}\n$ {shlex.join(cmd)}\n{tail}"
+            )
 
     def results(self, captions: dict, seen: dict, blind: dict, manifest: dict, seconds: float) -> dict:
         stage1 = _summary(self.out / "stage1")
@@ -140,7 +163,11 @@ class Demo:
         for kind in QUESTION_TYPES:
             s, b = seen.get("per_type", {}).get(kind), blind.get("per_type", {}).get(kind)
             if s is not None:
-                by_type[kind] = {"accuracy": s["vqa_accuracy"], "blind_accuracy": b["vqa_accuracy"], "n": s["n"]}
+                by_type[kind] = {
+                    "accuracy": s["vqa_accuracy"],
+                    "blind_accuracy": b["vqa_accuracy"],
+                    "n": s["n"],
+                }
         example = json.loads((self.data_dir / "test.json").read_text())[0]["image"]
         return {
             "stage1": {
@@ -176,14 +203,35 @@ def train_command(stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Pa
     if stage == 1:
         from mllm.vision.efficientnet import default_weights_path
 
-        cmd += ["--vision", default_weights_path(), "--vision-kind", "efficientnet-lite0", "--vision-pool", str(s.pool())]
+        cmd += [
+            "--vision",
+            default_weights_path(),
+            "--vision-kind",
+            "efficientnet-lite0",
+            "--vision-pool",
+            str(s.pool()),
+        ]
         cmd += ["--connector", s.connector, "--num-queries", str(s.num_queries)]
     else:
         cmd += ["--init-from", str(out / "stage1"), "--llm-mode", "lora", "--lora-r", str(s.lora_r)]
         cmd += ["--lora-alpha", str(s.lora_alpha), "--lora-dropout", str(s.lora_dropout)]
         cmd += ["--connector-lr", str(st.connector_lr or st.lr)]
-    cmd += ["--llm", llm, "--data", str(data_dir / f"demo_stage{stage}.yaml"), "--output", str(out / f"stage{stage}")]
-    cmd += ["--max-steps", str(st.steps), "--micro-batch-size", str(st.micro_batch_size), "--grad-accum", str(st.grad_accum)]
+    cmd += [
+        "--llm",
+        llm,
+        "--data",
+        str(data_dir / f"demo_stage{stage}.yaml"),
+        "--output",
+        str(out / f"stage{stage}"),
+    ]
+    cmd += [
+        "--max-steps",
+        str(st.steps),
+        "--micro-batch-size",
+        str(st.micro_batch_size),
+        "--grad-accum",
+        str(st.grad_accum),
+    ]
     cmd += ["--lr", str(st.lr), "--warmup-ratio", str(st.warmup_ratio), "--seed", str(s.seed)]
     cmd += ["--save-every", "0", "--resume", "no", "--num-workers", "1"]
     return cmd
@@ -227,8 +275,12 @@ def format_report(r: dict) -> str:
     rows += list(s2["by_type"].items())
     for name, v in rows:
         gap = v["accuracy"] - v["blind_accuracy"]
-        lines.append(f"{name:<10} {v['n']:>6} {v['accuracy']:>8.1f}% {v['blind_accuracy']:>8.1f}% {gap:>+6.1f}")
-    lines.append("blind = the same model with each test image replaced by another test image (mllm eval --swap-images)")
+        lines.append(
+            f"{name:<10} {v['n']:>6} {v['accuracy']:>8.1f}% {v['blind_accuracy']:>8.1f}% {gap:>+6.1f}"
+        )
+    lines.append(
+        "blind = the same model with each test image replaced by another test image (mllm eval --swap-images)"
+    )
     lines.append(f"stage 1: held-out captions exactly right {s1['caption_accuracy']:.1f}% (n={s1['n']})")
     phases = " | ".join(f"{k} {v:.0f}s" for k, v in r["phases"].items())
     lines.append(f"time: {phases} | total {r['seconds'] / 60:.1f} min")

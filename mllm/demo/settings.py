@@ -42,8 +42,12 @@ class DemoSettings:
     """`mlp`: average-pool EfficientNet's 7×7 grid by 3 → 3×3 = 9 visual tokens per image."""
     num_queries: int = 9
     """`qformer` / `resampler`: learned queries = visual tokens per image (they read all 49 patches)."""
-    stage1: StageSettings = field(default_factory=lambda: StageSettings(steps=150, micro_batch_size=32, lr=2e-3))
-    stage2: StageSettings = field(default_factory=lambda: StageSettings(steps=400, micro_batch_size=16, lr=1e-3, connector_lr=1e-3))
+    stage1: StageSettings = field(
+        default_factory=lambda: StageSettings(steps=100, micro_batch_size=32, lr=2e-3)
+    )
+    stage2: StageSettings = field(
+        default_factory=lambda: StageSettings(steps=400, micro_batch_size=16, lr=1e-3, connector_lr=1e-3)
+    )
     lora_r: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.0
@@ -76,7 +80,9 @@ def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSett
             eval_batch_size=16,
         )
     if schedule == "default":
-        return DemoSettings(schedule, connector, data=DemoData(train_images=1000, test_questions=1000))
+        return DemoSettings(
+            schedule, connector, data=DemoData(train_images=1000, test_questions=1000, balance_yes_no=False)
+        )
     if schedule == "full":
         return DemoSettings(
             schedule,

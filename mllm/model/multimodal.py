@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from mllm.config import IMAGE_TOKEN_ID, ModelConfig
 from mllm.vision.base import VisionTower
@@ -14,12 +15,12 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class MultimodalOutput:
-    loss: torch.Tensor | None
+class MultimodalOutput(ModelOutput):  # a ModelOutput so that DeepSpeed's ZeRO-3 hooks can walk it
+    loss: torch.Tensor | None = None
     """Mean loss over supervised tokens of this batch."""
-    loss_sum: torch.Tensor | None
+    loss_sum: torch.Tensor | None = None
     """Summed loss, for normalising by supervised tokens across accumulated micro-batches."""
-    num_tokens: torch.Tensor | None
+    num_tokens: torch.Tensor | None = None
     """Supervised (predicted) tokens in this batch."""
     logits: torch.Tensor | None = None
     """Full-vocabulary logits [B, T, V], only when asked for (`return_logits=True`)."""
@@ -102,6 +103,7 @@ class MultimodalLM(nn.Module):
         sample_ids: list | None = None,
         return_logits: bool = False,
         features: torch.Tensor | None = None,
+        loss_chunk_size: int | None = None,
         **llm_kwargs,
     ) -> MultimodalOutput:
         embeds = self.embed(input_ids, pixel_values, image_counts, sample_ids, features)  # [B, T, D]
@@ -110,9 +112,9 @@ class MultimodalLM(nn.Module):
         ).last_hidden_state  # [B, T, D]
         logits = self.head(hidden) if return_logits else None
         if labels is None:
-            return MultimodalOutput(None, None, None, logits)
-        loss_sum, n = self.supervised_loss(hidden, labels)
-        return MultimodalOutput(loss_sum / n.clamp(min=1), loss_sum, n, logits)
+            return MultimodalOutput(logits=logits)
+        loss_sum, n = self.supervised_loss(hidden, labels, loss_chunk_size)
+        return MultimodalOutput(loss=loss_sum / n.clamp(min=1), loss_sum=loss_sum, num_tokens=n, logits=logits)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states → full-vocabulary logits (with the LLM's final soft-capping, if it has one)."""
@@ -120,11 +122,28 @@ class MultimodalLM(nn.Module):
         cap = getattr(self.llm.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token loss summed over supervised positions only: prompt and image tokens never reach the head."""
+    def supervised_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token loss summed over supervised positions only: prompt and image tokens never reach the head.
+
+        With `chunk_size`, the head and loss run over at most that many positions at a time and each chunk's
+        logits are recomputed in backward instead of kept: peak memory of M×V logits drops to chunk_size×V.
+        """
         targets = labels[:, 1:]  # [B, T-1]
         keep = targets != IGNORE_INDEX
         h = hidden[:, :-1][keep]  # [M, D]
+        t = targets[keep]  # [M]
+        if chunk_size is None or h.shape[0] <= chunk_size:
+            return self._head_loss_sum(h, t), keep.sum()
+        from torch.utils.checkpoint import checkpoint
+
+        parts = [
+            checkpoint(self._head_loss_sum, hc, tc, use_reentrant=False)
+            for hc, tc in zip(h.split(chunk_size), t.split(chunk_size), strict=True)
+        ]
+        return torch.stack(parts).sum(), keep.sum()
+
+    def _head_loss_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.head(h).float()  # [M, V]
-        loss_sum = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
-        return loss_sum, keep.sum()
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")

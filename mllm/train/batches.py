@@ -7,13 +7,22 @@ workers prefetch ahead.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from mllm.data import Collator, MixtureBatchSampler, build_dataset, load_recipe
+from mllm.config import IMAGE_TOKEN_ID
+from mllm.data import IGNORE_INDEX, Collator, MixtureBatchSampler, build_dataset, load_recipe
 from mllm.train.config import TrainConfig
+from mllm.train.stop import defer_stop_signals
+
+SKIPPED_FILE = "skipped_samples.jsonl"
+"""In the output directory: one JSON line per bad sample met (kind, reason, source, line, id), from every rank
+and DataLoader worker."""
 
 
 @dataclass
@@ -22,6 +31,46 @@ class TrainData:
     dataset: Any
     sampler: MixtureBatchSampler
     loader: torch.utils.data.DataLoader
+    blank: BlankImageRow
+
+
+@dataclass(frozen=True)
+class BlankImageRow:
+    """Adds a row holding one blank image and nothing to learn to a micro-batch that has no image.
+
+    Then every process runs the vision tower and connector in every forward pass: under ZeRO-3 a process that
+    skipped them while another ran them would wait forever in their parameter gathers, and with only the
+    connector trainable (stage 1) a loss that never passed through it would have no gradient at all. The row
+    attends only to itself and has no labels, so the loss and every gradient are exactly what they were.
+    """
+
+    pad_token_id: int
+    image_tokens: int
+    pixel_shape: tuple[int, ...]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if batch["pixel_values"] is not None and batch["pixel_values"].shape[0] > 0:
+            return batch
+        rows, width = batch["input_ids"].shape
+        width = max(width, self.image_tokens)
+
+        def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
+            out = torch.full((rows + 1, width), fill, dtype=torch.long)
+            out[:rows, : t.shape[1]] = t
+            return out
+
+        input_ids = widen(batch["input_ids"], self.pad_token_id)
+        input_ids[rows, : self.image_tokens] = IMAGE_TOKEN_ID
+        attention_mask = widen(batch["attention_mask"], 0)
+        attention_mask[rows, : self.image_tokens] = 1
+        return {
+            **batch,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": widen(batch["labels"], IGNORE_INDEX),
+            "pixel_values": torch.zeros((1, *self.pixel_shape)),
+            "image_counts": torch.cat([batch["image_counts"], torch.ones(1, dtype=torch.long)]),
+        }  # sample_ids keep naming only the real samples
 
 
 def build_train_data(
@@ -36,6 +85,11 @@ def build_train_data(
     dataset = build_dataset(
         recipe, tokenizer, model.num_image_tokens, model.vision.preprocess, seed=cfg.seed, progress=progress
     )
+    found_while_reading = dataset.skipped()  # the same on every rank
+    dataset.skip_log = str(Path(cfg.output) / SKIPPED_FILE)
+    if rank == 0 and found_while_reading:  # DataLoader workers append the ones they meet
+        with open(dataset.skip_log, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in found_while_reading)
     sampler = MixtureBatchSampler(
         dataset, cfg.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size
     )
@@ -49,8 +103,16 @@ def build_train_data(
         # Each new iterator draws a seed from this generator; from the global RNG it would shift dropout
         # masks by whether an epoch began before or after a resume.
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=defer_stop_signals,
     )
-    return TrainData(recipe, dataset, sampler, loader)
+    pixel_shape = tuple(model.vision.preprocess([Image.new("RGB", (8, 8))]).shape[1:])
+    return TrainData(
+        recipe,
+        dataset,
+        sampler,
+        loader,
+        BlankImageRow(tokenizer.pad_token_id, model.num_image_tokens, pixel_shape),
+    )
 
 
 class BatchStream:
@@ -79,8 +141,20 @@ class BatchStream:
                     True,
                 )
             self._consumed += 1
-            return batch
+            return self.data.blank(batch)
         raise RuntimeError("the data sampler yielded no batch for a whole epoch")
+
+    def close(self) -> None:
+        """Shut the DataLoader workers down now. Dropping the iterator is not enough when an exception's
+        traceback still holds it: the workers would live until interpreter exit, where multiprocessing stops them
+        with SIGTERM (deferred by our workers) and waits. `_shutdown_workers` is what the iterator's own
+        `__del__` runs."""
+        it, self._it = self._it, None
+        shutdown = getattr(
+            it, "_shutdown_workers", None
+        )  # absent on a single-process (num_workers=0) iterator
+        if shutdown is not None:
+            shutdown()
 
     def state_dict(self) -> dict[str, Any]:
         state = self.data.sampler.state_dict(consumed=self._consumed)

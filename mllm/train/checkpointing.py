@@ -25,6 +25,9 @@ import numpy as np
 import torch
 
 from mllm.checkpoint import (
+    DISCARD_PREFIX,
+    CheckpointError,
+    discard,
     latest_checkpoint,
     list_checkpoints,
     mark_complete,
@@ -47,7 +50,10 @@ def rank_state_file(rank: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, tuples and numbers only, so that `torch.load(weights_only=True)` reads it."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,7 +61,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -110,26 +117,35 @@ def save(
     return final
 
 
-def prune(output_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (0 = keep all)."""
-    if keep_last <= 0:
-        return
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The `checkpoint-N` folders of `output_dir` that pass verification, oldest first."""
     complete = []
     for _step, path in list_checkpoints(output_dir):
         try:
             verify(path)
             complete.append(path)
-        except Exception:
+        except CheckpointError:
             continue
-    for path in complete[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+    return complete
+
+
+def prune(output_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (0 = keep all)."""
+    if keep_last <= 0:
+        return
+    for path in complete_checkpoints(output_dir)[:-keep_last]:
+        discard(path)
 
 
 def clear_interrupted(output_dir: Path) -> None:
-    """Remove temporary folders a crashed save left behind (they never count as checkpoints)."""
-    for p in Path(output_dir).glob(f"{TMP_PREFIX}*"):
+    """Remove temporary folders a crashed save or deletion left behind (they never count as checkpoints)."""
+    for p in [*Path(output_dir).glob(f"{TMP_PREFIX}*"), *Path(output_dir).glob(f"{DISCARD_PREFIX}*")]:
         log.warning("removing %s, left by an interrupted checkpoint save", p)
         shutil.rmtree(p, ignore_errors=True)
+
+
+def saved_step(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / TRAINER_STATE).read_text())["step"])
 
 
 def find_resume_point(cfg: TrainConfig) -> Path | None:
@@ -155,7 +171,7 @@ def restore(engine, world: dist.World, checkpoint: Path, stream) -> dict[str, An
             "resume with the same number of processes to continue with the same data order"
         )
     dist.load_engine_state(engine, checkpoint)
-    mine = torch.load(checkpoint / rank_state_file(world.rank), weights_only=False)
+    mine = torch.load(checkpoint / rank_state_file(world.rank), weights_only=True)
     stream.load_state_dict(mine["sampler"])
     set_rng_state(mine["rng"])
     return state

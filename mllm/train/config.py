@@ -37,6 +37,9 @@ class TrainConfig:
     """Also train the vision tower (frozen unless asked)."""
     llm: str = ""
     """Causal LM: HF model id or directory (taken from --init-from when empty in stage 2)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped inside the vision/LLM model folders (transformers' trust_remote_code). Off: a
+    model that needs its own code fails to load instead of running it."""
     llm_mode: Literal["frozen", "full", "lora", "qlora"] = "frozen"
     """How the LLM trains: frozen (stage 1), full, lora, or qlora (4-bit NF4 base + LoRA)."""
     lora_r: int = 128
@@ -177,6 +180,7 @@ class TrainConfig:
             llm=LLMConfig(
                 path=self.llm,
                 mode=self.llm_mode,
+                trust_remote_code=self.trust_remote_code,
                 lora=LoraSettings(
                     r=self.lora_r,
                     alpha=self.lora_alpha,

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,11 @@ def init_distributed() -> World:
         size=torch.distributed.get_world_size(),
         device=device,
     )
+
+
+def quiet_library_deprecations() -> None:
+    """For entry points only: ZeRO-3 calls torch.distributed functions that warn on every call, i.e. every step."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 def read_ds_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -200,6 +206,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every process if `flag` is true on any of them."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
 
 
 def barrier() -> None:

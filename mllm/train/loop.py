@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ from safetensors.torch import load_file
 from mllm.checkpoint import read_config
 from mllm.config import ModelConfig
 from mllm.model import build_model, load_tokenizer, resolve_runtime
-from mllm.train import checkpointing
+from mllm.train import checkpointing, preflight
 from mllm.train import distributed as dist
 from mllm.train.batches import BatchStream, TrainData, build_train_data, supervised_tokens
 from mllm.train.config import TrainConfig, save_yaml
 from mllm.train.optim import make_scheduler, param_groups
 from mllm.train.progress import Progress, format_summary
+from mllm.train.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ def setup(cfg: TrainConfig) -> Session:
     """Process group, model, data, DeepSpeed engine; restored from a checkpoint when resuming."""
     cfg = absolute_paths(fill_from_init(cfg))
     cfg.check_complete()
+    preflight.check_output_writable(Path(cfg.output))  # every rank, before any of them waits for another
     ds_raw = dist.read_ds_config(cfg)
     dist.check_supported(cfg.llm_mode, ds_raw)
     world = dist.init_distributed()
@@ -84,6 +87,18 @@ def setup(cfg: TrainConfig) -> Session:
     tokenizer = load_tokenizer(mcfg)
     data = build_train_data(cfg, tokenizer, model, world.rank, world.size, progress=world.is_main)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.sampler) / grad_accum))
+    start_step = checkpointing.saved_step(resume_from) if resume_from is not None else 0
+    preflight.check_disk_space(
+        out,
+        preflight.checkpoint_bytes(model),
+        preflight.checkpoints_needed(
+            total_steps,
+            start_step,
+            cfg.save_every,
+            cfg.keep_last,
+            len(checkpointing.complete_checkpoints(out)),
+        ),
+    )
 
     ds = dist.fill_ds_config(
         ds_raw,
@@ -111,11 +126,41 @@ def setup(cfg: TrainConfig) -> Session:
 
 
 def fit(s: Session) -> dict[str, Any]:
-    """The loop: optimizer steps until the last one, checkpoints on schedule and at the end, reports."""
+    """The loop, then the report; a SIGTERM ends it early with a checkpoint."""
+    progress = Progress(Path(s.cfg.output), s.total_steps, s.state["step"], s.world.is_main, s.cfg.log_every)
+    try:
+        with StopRequest() as stop:
+            last_saved, stopped_by = run_steps(s, progress, stop)
+    finally:
+        s.stream.close()  # DataLoader workers end now, not at interpreter exit
+    state = s.state
+    skipped = s.data.dataset.skipped()
+    extra = {
+        **state,
+        "checkpoint": str(last_saved) if last_saved else None,
+        "skipped_samples": len(skipped),
+    }
+    if stopped_by:
+        extra["stopped_by"] = stopped_by
+        if s.world.is_main:
+            log.warning(
+                "stopped by %s at step %d of %d; %s is complete: run the same command again to continue",
+                stopped_by, state["step"], s.total_steps, last_saved,
+            )  # fmt: skip
+    if skipped and s.world.is_main:
+        log.warning("skipped %d bad sample(s); every one and why: %s", len(skipped), s.data.dataset.skip_log)
+    summary = progress.finish(extra)
+    if s.world.is_main:
+        log.info(format_summary(summary))
+    return summary
+
+
+def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path | None, str | None]:
+    """Optimizer steps until the last one or a stop request; checkpoints on schedule, at the end and on stopping.
+    Returns the last checkpoint written and the signal that stopped the run, if one did."""
     cfg, state = s.cfg, s.state
-    progress = Progress(Path(cfg.output), s.total_steps, state["step"], s.world.is_main, cfg.log_every)
-    last_saved = None
-    while state["step"] < s.total_steps:
+    last_saved, stopped_by = None, None
+    while state["step"] < s.total_steps and stopped_by is None:
         lr = s.engine.lr_scheduler.get_last_lr()[-1]  # the lr this step uses (the scheduler moves after it)
         record = train_step(s.engine, s.stream, s.world, s.grad_accum)
         state["step"] += 1
@@ -130,42 +175,32 @@ def fit(s: Session) -> dict[str, Any]:
             record["tokens"],
             s.stream.epoch_progress,
         )
-        if state["step"] == s.total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0):
+        if dist.any_rank(stop.requested, s.world.device):  # a save is collective: all ranks stop together
+            stopped_by = signal_name(stop.signal)
+        due = state["step"] == s.total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0)
+        if stopped_by or due:
             meta = checkpointing.model_meta(cfg, s.data.recipe, state["step"])
             last_saved = checkpointing.save(
                 s.engine, s.model, s.world, cfg, state["step"], s.stream.state_dict(), dict(state), meta
             )
-    extra = {
-        **state,
-        "checkpoint": str(last_saved) if last_saved else None,
-        "skipped_samples": len(s.data.dataset.skipped()),
-    }
-    summary = progress.finish(extra)
-    if s.world.is_main:
-        log.info(format_summary(summary))
-    return summary
+    return last_saved, stopped_by
 
 
 def train_step(engine, stream: BatchStream, world: dist.World, grad_accum: int) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches; returns the step's loss, samples and tokens (all ranks)."""
     batches = [stream.next() for _ in range(grad_accum)]
     counts = [supervised_tokens(b) for b in batches]
-    samples = sum(b["input_ids"].shape[0] for b in batches)
+    # rows of samples: a skipped bad sample has none, and a blank image row (see BlankImageRow) is no sample
+    samples = sum(len(b["sample_ids"]) for b in batches)
     total_tokens, total_samples = dist.all_reduce_sum([sum(counts), samples], world.device)
     # DeepSpeed averages gradients over processes; × world size turns that back into a sum over all tokens.
     scale = world.size / max(total_tokens, 1.0)
     loss_sum = 0.0
-    previous = None
-    for batch in batches:
-        if (
-            batch["input_ids"].numel() == 0
-        ):  # every sample of it was skipped: a no-loss pass keeps ranks in step
-            batch = _without_targets(previous)
+    for batch in batches:  # (one whose samples were all bad is a blank row alone: a pass that learns nothing)
         out = engine(**_to_device(batch, world.device))
         dist.backward(engine, out.loss_sum * scale)
         dist.step(engine)
         loss_sum += float(out.loss_sum.detach())
-        previous = batch
     (global_loss_sum,) = dist.all_reduce_sum([loss_sum], world.device)
     return {
         "loss": global_loss_sum / max(total_tokens, 1.0),
@@ -174,12 +209,9 @@ def train_step(engine, stream: BatchStream, world: dist.World, grad_accum: int) 
     }
 
 
-def _without_targets(batch: dict[str, Any] | None) -> dict[str, Any]:
-    if batch is None:
-        raise ValueError(
-            "the first micro-batch of a step has no usable sample (all skipped as bad); fix the data or use a larger batch"
-        )
-    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+def signal_name(signum: int | None) -> str:
+    """The signal's name; a rank stopping because a peer was signalled has none of its own: SIGTERM."""
+    return signal.Signals(signum).name if signum else "SIGTERM"
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -56,6 +57,9 @@ class Progress:
             "samples_per_s": samples / dt,
             "tokens_per_s": tokens / dt,
             "epoch": round(epoch, 4),
+            "rss_mb": round(
+                psutil.Process().memory_info().rss / 2**20, 1
+            ),  # this process; watch it for leaks
         }
         if not self.enabled:
             return record
@@ -100,18 +104,25 @@ def read_metrics(output: Path) -> list[dict[str, Any]]:
     path = Path(output) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for _, r in _records(path)]
+
+
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each whole line; a line torn by a crash mid-write is left out."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            continue
+    return out
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
     """On resume, forget steps after the checkpoint: they are about to be trained again."""
     if not path.is_file():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= start_step
-    ]
+    keep = [line for line, r in _records(path) if r["step"] <= start_step]
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 
 from mllm.train.config import add_config_arguments, resolve_config
+from mllm.train.distributed import quiet_library_deprecations
+from mllm.train.stop import exit_code
 
 
 def main(stage: int, description: str | None = None, argv: list[str] | None = None) -> int:
@@ -23,15 +24,14 @@ def main(stage: int, description: str | None = None, argv: list[str] | None = No
     debug = args.debug
     del args.local_rank, args.debug
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # DeepSpeed's ZeRO-3 calls torch.distributed functions that warn once per call: noise on every step.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    quiet_library_deprecations()
     from mllm.train.loop import train
 
     try:
-        train(resolve_config(args, stage=stage))
+        summary = train(resolve_config(args, stage=stage))
     except (ValueError, FileNotFoundError) as e:
         if debug:
             raise
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return exit_code(summary)

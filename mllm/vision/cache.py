@@ -105,7 +105,9 @@ class FeatureCache:
         """Cached features [N, D] of `image`; KeyError when it was never computed by this tower."""
         path = self.path(content_key(image))
         if not os.path.exists(path):
-            raise KeyError(f"no cached features for this image under tower {self.tower_hash}; run fill() first")
+            raise KeyError(
+                f"no cached features for this image under tower {self.tower_hash}; run fill() first"
+            )
         return self._read(path)
 
     def _read(self, path: str) -> torch.Tensor:
@@ -140,7 +142,7 @@ class FeatureCache:
                 chunk = keys[s : s + batch_size]
                 pixels = self.tower.preprocess([_open(todo[k]) for k in chunk])
                 feats = self.tower(pixels)  # [b, N, D]
-                for k, f in zip(chunk, feats):
+                for k, f in zip(chunk, feats, strict=True):
                     self.put(k, f.clone())
                 bar.update(len(chunk))
             bar.close()
@@ -185,7 +187,9 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample, enc, sources = self.image_sources(i)
         if len(enc.input_ids) != self.lengths[i]:
-            raise RuntimeError(f"sample {sample.id}: length changed from {self.lengths[i]} to {len(enc.input_ids)}")
+            raise RuntimeError(
+                f"sample {sample.id}: length changed from {self.lengths[i]} to {len(enc.input_ids)}"
+            )
         feats = [self.cache.get(s) for s in sources]
         n, d = self.cache.tower.num_tokens, self.cache.tower.hidden_size
         return {

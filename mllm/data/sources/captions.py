@@ -71,10 +71,15 @@ class CsvRows:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             start = 2
-            for row in reader:
-                self.rows.append(row)
-                self.lines.append(start)
-                start = reader.line_num + 1
+            try:
+                for row in reader:
+                    self.rows.append(row)
+                    self.lines.append(start)
+                    start = reader.line_num + 1
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: not UTF-8 text after line {start - 1} ({e.reason}); re-encode it as UTF-8"
+                ) from None
             self.columns = reader.fieldnames or []
 
     def __len__(self) -> int:

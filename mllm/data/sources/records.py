@@ -7,6 +7,18 @@ from typing import Any
 
 from mllm.data.errors import BadSampleError
 
+UNPARSABLE = (ValueError, RecursionError)
+"""What `json.loads` raises on hostile text: JSONDecodeError, UnicodeDecodeError (not UTF-8), ValueError (an
+integer longer than Python converts), RecursionError (nesting deeper than the parser's recursion limit)."""
+
+
+def describe_parse_error(e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e)
+
 
 class JsonRecords:
     """Records of a `.json` array or a `.jsonl` file, indexable; `line(i)` gives JSONL line numbers."""
@@ -26,9 +38,9 @@ class JsonRecords:
             with open(path, "rb") as f:
                 try:
                     data = json.load(f)
-                except json.JSONDecodeError as e:
+                except UNPARSABLE as e:
                     raise ValueError(
-                        f"{path}: not valid JSON ({e}); JSON Lines files must end in .jsonl"
+                        f"{path}: not valid JSON ({describe_parse_error(e)}); JSON Lines files must end in .jsonl"
                     ) from None
             if isinstance(data, dict):
                 data = (
@@ -46,8 +58,8 @@ class JsonRecords:
         if isinstance(item, bytes):
             try:
                 item = json.loads(item)
-            except json.JSONDecodeError as e:
-                raise BadSampleError("invalid_json", f"not valid JSON: {e}") from None
+            except UNPARSABLE as e:
+                raise BadSampleError("invalid_json", f"not valid JSON: {describe_parse_error(e)}") from None
         if not isinstance(item, dict):
             raise BadSampleError("invalid_record", f"expected a JSON object, got {type(item).__name__}")
         return item
@@ -79,7 +91,7 @@ def first_record(path: str) -> Any:
                 if raw.strip():
                     try:
                         return json.loads(raw)
-                    except json.JSONDecodeError:
+                    except UNPARSABLE:
                         return None
             return None
     return JsonRecords(path).first()

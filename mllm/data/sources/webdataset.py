@@ -21,6 +21,7 @@ from mllm.data.sample import Sample
 from mllm.data.sources.captions import caption_sample
 from mllm.data.sources.llava import conversations_sample
 from mllm.data.sources.messages import messages_sample
+from mllm.data.sources.records import UNPARSABLE, describe_parse_error
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -80,8 +81,8 @@ def shard_sample(key: str, files: dict[str, bytes], prompt: str) -> Sample:
     if "json" in files:
         try:
             rec: Any = json.loads(files["json"])
-        except json.JSONDecodeError as e:
-            raise BadSampleError("invalid_json", f"{key}.json: {e}") from None
+        except UNPARSABLE as e:
+            raise BadSampleError("invalid_json", f"{key}.json: {describe_parse_error(e)}") from None
         if not isinstance(rec, dict):
             raise BadSampleError("invalid_record", f"{key}.json must be an object")
         rec = {"id": key, **rec}
