@@ -60,7 +60,9 @@ class ConnectorConfig:
     """For `qformer` / `resampler`: attention heads (must divide hidden_size)."""
 
     def __post_init__(self):
-        if self.kind == "mlp" and not (self.projector == "linear" or re.fullmatch(r"mlp(\d+)x_gelu", self.projector)):
+        if self.kind == "mlp" and not (
+            self.projector == "linear" or re.fullmatch(r"mlp(\d+)x_gelu", self.projector)
+        ):
             raise ValueError(f"connector.projector must be 'linear' or 'mlpNx_gelu', got {self.projector!r}")
         if self.num_queries < 1 or self.num_layers < 1:
             raise ValueError("connector.num_queries and connector.num_layers must be >= 1")

@@ -13,7 +13,23 @@ from mllm.model.runtime import resolve_runtime
 
 
 def test_cli_writes_loadable_directories(tmp_path, capsys):
-    assert main(["backbones", "make", str(tmp_path), "--llm", "qwen2", "gpt2", "--vision", "siglip", "--llm-hidden", "32"]) == 0
+    assert (
+        main(
+            [
+                "backbones",
+                "make",
+                str(tmp_path),
+                "--llm",
+                "qwen2",
+                "gpt2",
+                "--vision",
+                "siglip",
+                "--llm-hidden",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert sorted(os.listdir(tmp_path)) == ["llm-gpt2", "llm-qwen2", "vision-siglip"]
     for fam in ("qwen2", "gpt2"):
         d = tmp_path / f"llm-{fam}"
@@ -21,7 +37,9 @@ def test_cli_writes_loadable_directories(tmp_path, capsys):
         tok = AutoTokenizer.from_pretrained(d)
         model = AutoModelForCausalLM.from_pretrained(d)
         assert model.config.hidden_size == 32 and model.config.vocab_size == len(tok)
-        text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        )
         assert "hi" in text
         ids = tok(text, return_tensors="pt").input_ids
         assert model(ids).logits.shape[-1] == len(tok)

@@ -140,6 +140,7 @@ def test_bench_end_to_end_on_tiny_work(tmp_path):
         )
     assert result["mllm"]["settings"]["levers"] == {n: n != "compile" for n in Levers.names()}
     assert result["mllm"]["settings"]["feature_cache"] is True
+    assert result["mllm"]["settings"]["cache_filled_images"] > 0  # a fresh cache, filled by a child process
     assert result["ratio"]["samples_per_s"] == pytest.approx(
         result["mllm"]["samples_per_s"] / result["reference"]["samples_per_s"]
     )

@@ -160,3 +160,19 @@ def test_bad_inputs_get_one_clear_line(ckpt, images, tmp_path, capsys, case, mes
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_chat_images_load_like_training_images(tmp_path):
+    """EXIF-rotated and 16-bit images reach the model upright and with their real values, as in training."""
+    import numpy as np
+    from PIL import Image
+
+    from mllm.inference.images import load_image
+
+    wide = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    wide.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "rot.jpg").size == (20, 40)
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert load_image(tmp_path / "grey16.png").getpixel((0, 0)) == (128, 128, 128)

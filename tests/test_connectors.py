@@ -17,12 +17,16 @@ def _count(cfg: ConnectorConfig) -> int:
 
 
 def test_mlp2x_gelu_parameter_count_is_exact():
-    assert _count(ConnectorConfig(kind="mlp", projector="mlp2x_gelu")) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert (
+        _count(ConnectorConfig(kind="mlp", projector="mlp2x_gelu")) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    )
 
 
 def test_linear_and_deeper_mlp_counts():
     assert _count(ConnectorConfig(kind="mlp", projector="linear")) == 1024 * 4096 + 4096
-    assert _count(ConnectorConfig(kind="mlp", projector="mlp3x_gelu")) == 1024 * 4096 + 4096 + 2 * (4096 * 4096 + 4096)
+    assert _count(ConnectorConfig(kind="mlp", projector="mlp3x_gelu")) == 1024 * 4096 + 4096 + 2 * (
+        4096 * 4096 + 4096
+    )
 
 
 @pytest.mark.parametrize("kind", ["qformer", "resampler"])

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 from helpers import make_checkpoint, make_image
+from PIL import Image
 
 TYPES = ["shape", "color", "shape", "color", "shape", "color"]
 CORRECT = {0, 1, 2, 4}  # shape: 3/3 right, color: 1/3 right

@@ -32,7 +32,13 @@ def _batch(model, image_counts: list[int]):
         mask[i, : len(r_ids)] = 1
     size = model.vision.image_size
     pixels = torch.randn(sum(image_counts), 3, size, size)
-    return dict(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=pixels, image_counts=torch.tensor(image_counts))
+    return dict(
+        input_ids=ids,
+        labels=labels,
+        attention_mask=mask,
+        pixel_values=pixels,
+        image_counts=torch.tensor(image_counts),
+    )
 
 
 @pytest.mark.parametrize(
@@ -50,7 +56,9 @@ def test_forward_backward_every_combination(tiny_config, connector, vision, llm)
 
 def test_stage1_trains_only_the_connector(tiny_config):
     model = build_model(tiny_config("clip", "qwen2", "mlp"))
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("connector.")}
+    frozen_before = {
+        n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("connector.")
+    }
     conn_before = {n: p.detach().clone() for n, p in model.connector.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**_batch(model, [1, 1])).loss.backward()
@@ -69,7 +77,9 @@ def test_visual_tokens_land_exactly_at_placeholders(tiny_config):
     embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_counts"])
     visual = model.encode_images(batch["pixel_values"])  # [2, K, D]
     k = model.num_image_tokens
-    assert torch.equal(embeds[0, 2 : 2 + k], visual[0]) and torch.equal(embeds[0, 2 + k : 2 + 2 * k], visual[1])
+    assert torch.equal(embeds[0, 2 : 2 + k], visual[0]) and torch.equal(
+        embeds[0, 2 + k : 2 + 2 * k], visual[1]
+    )
     text_positions = batch["input_ids"] != IMAGE_TOKEN_ID
     table = model.llm.get_input_embeddings().weight
     assert torch.equal(embeds[text_positions], table[batch["input_ids"][text_positions]])
@@ -132,4 +142,8 @@ def test_qlora_loads_a_4bit_base_and_trains_adapters(tiny_config):
     out.loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(n.startswith("connector.") or "lora_" in n for n in trainable)
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and n.startswith("connector."))
+    assert all(
+        p.grad is not None
+        for n, p in model.named_parameters()
+        if p.requires_grad and n.startswith("connector.")
+    )

@@ -47,7 +47,12 @@ def _image_runs(ids: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("family,template", CASES)
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(messages=conversations(), max_length=st.one_of(st.none(), st.integers(4, 80)))
 def test_encoding_invariants(tokenizers, family, template, messages, max_length):
     tok = tokenizers[family]
@@ -69,19 +74,21 @@ def test_encoding_invariants(tokenizers, family, template, messages, max_length)
     assert sum(runs) == K * enc.num_images
     assert enc.num_images == placeholders or enc.truncated
     # labels are either ignored or equal to the token, never on an image token
-    assert all(lab in (-100, tid) for lab, tid in zip(labels, ids))
-    assert all(lab == -100 for lab, tid in zip(labels, ids) if tid == IMAGE_TOKEN_ID)
+    assert all(lab in (-100, tid) for lab, tid in zip(labels, ids, strict=True))
+    assert all(lab == -100 for lab, tid in zip(labels, ids, strict=True) if tid == IMAGE_TOKEN_ID)
     # each supervised run is one assistant answer (+ its end-of-turn), in order; never user or system text
     runs = [
         tok.decode([t for _, t in g], skip_special_tokens=True).strip()
-        for sup, g in itertools.groupby(zip(labels, ids), key=lambda p: p[0] != -100)
+        for sup, g in itertools.groupby(zip(labels, ids, strict=True), key=lambda p: p[0] != -100)
         if sup
     ]
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     assert len(runs) <= len(answers)
     for i, run in enumerate(runs):
         last = i == len(runs) - 1
-        if enc.truncated and last and answers[i].startswith(run.rstrip("\ufffd")):  # cut inside a multi-byte char
+        if (
+            enc.truncated and last and answers[i].startswith(run.rstrip("\ufffd"))
+        ):  # cut inside a multi-byte char
             continue
         # the answer, then only end-of-turn text (a built-in template's marker may be plain text to this tokenizer)
         assert run.startswith(answers[i]), (run, answers[i])

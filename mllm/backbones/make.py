@@ -43,12 +43,21 @@ class TinySize:
 
 
 def _llm_config(family: str, size: TinySize, vocab: int, tok):
-    common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(
+        vocab_size=vocab,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     if family == "gpt2":
         return transformers.GPT2Config(
             n_embd=size.llm_hidden, n_layer=size.llm_layers, n_head=size.llm_heads, n_positions=2048, **common
         )
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[family]
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "phi3": transformers.Phi3Config,
+    }[family]
     return cls(
         hidden_size=size.llm_hidden,
         intermediate_size=2 * size.llm_hidden,
@@ -91,7 +100,8 @@ def make_vision(family: str, out: str, size: TinySize | None = None, seed: int =
         if family == "clip":
             model = CLIPVisionModel(CLIPVisionConfig(projection_dim=size.vision_hidden, **common))
             proc = CLIPImageProcessor(
-                size={"shortest_edge": size.image_size}, crop_size={"height": size.image_size, "width": size.image_size}
+                size={"shortest_edge": size.image_size},
+                crop_size={"height": size.image_size, "width": size.image_size},
             )
         elif family == "siglip":
             model = SiglipVisionModel(SiglipVisionConfig(**common))
@@ -103,7 +113,9 @@ def make_vision(family: str, out: str, size: TinySize | None = None, seed: int =
     return out
 
 
-def make_all(out: str, size: TinySize | None = None, llms=LLM_FAMILIES, visions=VISION_FAMILIES) -> dict[str, str]:
+def make_all(
+    out: str, size: TinySize | None = None, llms=LLM_FAMILIES, visions=VISION_FAMILIES
+) -> dict[str, str]:
     """Write every family under `out/`; returns {name: directory}."""
     paths = {}
     for fam in visions:

@@ -32,7 +32,13 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
-        special=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        special=(
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ),
         bos="<|begin_of_text|>",
         eos="<|eot_id|>",
         pad="<|end_of_text|>",

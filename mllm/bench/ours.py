@@ -162,7 +162,7 @@ def build_loader(
 
     from mllm.data import MixtureBatchSampler
     from mllm.data.packing import PackingCollator
-    from mllm.vision.cache import CachedFeatureDataset, FeatureCache
+    from mllm.vision.cache import CachedFeatureDataset, FeatureCache, fill_in_subprocess
 
     frozen_tower = model.config.vision.trainable == "frozen"
     use_cache = levers.feature_cache and frozen_tower
@@ -179,7 +179,9 @@ def build_loader(
     if use_cache:
         data = CachedFeatureDataset(ds, FeatureCache(cache_dir, model.vision))
         t = time.perf_counter()
-        info["cache_filled_images"] = data.fill(progress=False)
+        images = [src for i in range(len(data)) for src in data.image_sources(i)[2]]
+        tower_dtype = next(model.vision.parameters()).dtype
+        info["cache_filled_images"] = fill_in_subprocess(model.config.vision, tower_dtype, cache_dir, images)
         info["cache_fill_s"] = time.perf_counter() - t
         info["cache_dir"] = data.cache.dir
     sampler = MixtureBatchSampler(

@@ -10,7 +10,10 @@ import sys
 # subcommand → (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "backbones": ("mllm.cli.backbones", "make tiny offline HF backbones, or fetch the real SmolLM2"),
-    "data": ("mllm.cli.data", "check a data recipe before training, or show samples with their supervised spans"),
+    "data": (
+        "mllm.cli.data",
+        "check a data recipe before training, or show samples with their supervised spans",
+    ),
     "train": ("mllm.cli.train", "train stage 1 (alignment) or stage 2 (instruction tuning)"),
     "chat": ("mllm.cli.chat", "chat with a trained checkpoint (interactive or one-shot)"),
     "eval": ("mllm.cli.eval", "evaluate a checkpoint on question-answer or caption data"),
@@ -24,7 +27,9 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllm", description="Train and chat with LLaVA-style multimodal LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="mllm", description="Train and chat with LLaVA-style multimodal LLMs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     chosen = argv[0] if argv and argv[0] in COMMANDS else None

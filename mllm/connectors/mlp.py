@@ -17,7 +17,9 @@ from mllm.config import ConnectorConfig
 class MLPProjector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, llm_dim: int):
         super().__init__()
-        depth = 1 if cfg.projector == "linear" else int(re.fullmatch(r"mlp(\d+)x_gelu", cfg.projector).group(1))
+        depth = (
+            1 if cfg.projector == "linear" else int(re.fullmatch(r"mlp(\d+)x_gelu", cfg.projector).group(1))
+        )
         self.depth = depth
         self.num_tokens = vision_tokens
         self.linear_1 = nn.Linear(vision_dim, llm_dim)

@@ -35,5 +35,7 @@ class QFormerConnector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, N, Dv] → [B, K, Dl]
         queries = self.query_tokens.expand(features.shape[0], -1, -1).to(features.dtype)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=features).last_hidden_state  # [B, K, W]
+        out = self.qformer(
+            query_embeds=queries, encoder_hidden_states=features
+        ).last_hidden_state  # [B, K, W]
         return self.proj(out)

@@ -14,7 +14,9 @@ class _ResamplerLayer(nn.Module):
         self.norm_media = nn.LayerNorm(width)
         self.norm_latents = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.ffn = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.ffn = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         q = self.norm_latents(latents)

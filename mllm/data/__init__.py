@@ -12,6 +12,7 @@ from mllm.data.collate import Collator
 from mllm.data.dataset import MultimodalDataset, build_dataset
 from mllm.data.encode import IGNORE_INDEX, ConversationEncoder, encode_conversation
 from mllm.data.errors import BadSampleError
+from mllm.data.packing import PackingCollator, causal_block_mask, pack_rows
 from mllm.data.recipe import Recipe, SourceSpec, load_recipe
 from mllm.data.sampler import MixtureBatchSampler
 from mllm.data.streaming import StreamingDataset, build_streaming_dataset
@@ -25,11 +26,14 @@ __all__ = [
     "ConversationEncoder",
     "MixtureBatchSampler",
     "MultimodalDataset",
+    "PackingCollator",
     "Recipe",
     "SourceSpec",
     "StreamingDataset",
     "build_dataset",
     "build_streaming_dataset",
+    "causal_block_mask",
     "encode_conversation",
     "load_recipe",
+    "pack_rows",
 ]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mllm.data.images import to_rgb
 
 
 class ImageError(ValueError):
@@ -12,7 +14,7 @@ class ImageError(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open `path` fully (not lazily, so a truncated file fails here) as an RGB image."""
+    """Open `path` fully (not lazily, so a truncated file fails here) as upright 8-bit RGB, exactly as training does."""
     p = os.fspath(path)
     if not os.path.exists(p):
         raise ImageError(f"{p}: no such image file")
@@ -21,7 +23,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(p) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(im))
     except UnidentifiedImageError:
         raise ImageError(f"{p}: not an image (PIL cannot identify its format)") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for truncated or corrupt files
@@ -29,5 +31,5 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def as_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """A PIL image as RGB, or the image at a path."""
-    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+    """A PIL image as upright RGB, or the image at a path."""
+    return to_rgb(ImageOps.exif_transpose(image)) if isinstance(image, Image.Image) else load_image(image)

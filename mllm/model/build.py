@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 def load_llm(cfg: ModelConfig, runtime: Runtime, load_4bit: bool = False):
     """The causal LM via `from_pretrained`; NF4 4-bit (bitsandbytes) for QLoRA or when `load_4bit` asks."""
-    kwargs = dict(dtype=runtime.dtype, attn_implementation=runtime.attn_implementation, trust_remote_code=cfg.llm.trust_remote_code)
+    kwargs = dict(
+        dtype=runtime.dtype,
+        attn_implementation=runtime.attn_implementation,
+        trust_remote_code=cfg.llm.trust_remote_code,
+    )
     if cfg.llm.mode == "qlora" or load_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

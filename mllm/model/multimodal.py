@@ -39,14 +39,18 @@ class MultimodalLM(nn.Module):
         """Visual tokens each image occupies in the LLM sequence (known before any forward pass)."""
         return self.connector.num_tokens
 
-    def encode_images(self, pixel_values: torch.Tensor | None, features: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_images(
+        self, pixel_values: torch.Tensor | None, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Images [I, 3, H, W] (or their precomputed tower features [I, N, Dv]) → visual tokens [I, K, D_llm]."""
         train_vision = self.config.vision.trainable == "full"
         if features is None:
             with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
                 features = self.vision(pixel_values)  # [I, N, Dv]
         elif train_vision:
-            raise ValueError("precomputed vision features cannot train the vision tower (vision.trainable=full)")
+            raise ValueError(
+                "precomputed vision features cannot train the vision tower (vision.trainable=full)"
+            )
         cdtype = next(self.connector.parameters()).dtype
         return self.connector(features.to(cdtype))  # [I, K, D_llm]
 
@@ -108,13 +112,19 @@ class MultimodalLM(nn.Module):
     ) -> MultimodalOutput:
         embeds = self.embed(input_ids, pixel_values, image_counts, sample_ids, features)  # [B, T, D]
         hidden = self.llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **llm_kwargs
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **llm_kwargs,
         ).last_hidden_state  # [B, T, D]
         logits = self.head(hidden) if return_logits else None
         if labels is None:
             return MultimodalOutput(logits=logits)
         loss_sum, n = self.supervised_loss(hidden, labels, loss_chunk_size)
-        return MultimodalOutput(loss=loss_sum / n.clamp(min=1), loss_sum=loss_sum, num_tokens=n, logits=logits)
+        return MultimodalOutput(
+            loss=loss_sum / n.clamp(min=1), loss_sum=loss_sum, num_tokens=n, logits=logits
+        )
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states → full-vocabulary logits (with the LLM's final soft-capping, if it has one)."""

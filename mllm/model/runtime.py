@@ -34,7 +34,9 @@ class Runtime:
         return f"device={self.device} dtype={str(self.dtype).removeprefix('torch.')} attention={self.attn_implementation}"
 
 
-def resolve_runtime(dtype: str = "auto", attn_implementation: str = "auto", device: str | None = None) -> Runtime:
+def resolve_runtime(
+    dtype: str = "auto", attn_implementation: str = "auto", device: str | None = None
+) -> Runtime:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
         if dev.type == "cuda":
@@ -46,7 +48,11 @@ def resolve_runtime(dtype: str = "auto", attn_implementation: str = "auto", devi
     else:
         raise ValueError(f"dtype must be auto|bf16|fp16|fp32, got {dtype!r}")
     if attn_implementation == "auto":
-        attn = "flash_attention_2" if dev.type == "cuda" and flash_attn_available() and resolved != torch.float32 else "sdpa"
+        attn = (
+            "flash_attention_2"
+            if dev.type == "cuda" and flash_attn_available() and resolved != torch.float32
+            else "sdpa"
+        )
     else:
         attn = attn_implementation
     return Runtime(dtype=resolved, attn_implementation=attn, device=dev)

@@ -13,7 +13,9 @@ VISION_TOWERS: Registry = Registry("vision tower")
 VISION_TOWERS.register("hf")(HFVisionTower)
 
 
-def build_vision_tower(cfg: VisionConfig, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> VisionTower:
+def build_vision_tower(
+    cfg: VisionConfig, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> VisionTower:
     if cfg.kind == "efficientnet-lite0" and cfg.kind not in VISION_TOWERS:
         from mllm.vision import efficientnet  # noqa: F401  (optional dependency, registers itself)
     return VISION_TOWERS.get(cfg.kind)(cfg, dtype=dtype, trust_remote_code=trust_remote_code)

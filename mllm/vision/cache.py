@@ -198,3 +198,34 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
             "features": torch.stack(feats) if feats else torch.zeros((0, n, d)),
             "id": sample.id,
         }
+
+
+def fill_in_subprocess(vision_cfg, dtype: torch.dtype, root: str, images: Sequence[ImageSource]) -> int:
+    """`FeatureCache.fill` run by a fresh (spawned) process that loads its own copy of the tower.
+
+    A training process that fills its cache itself keeps the fill's allocator high-water mark (tower
+    activations, decoded images) for the rest of the run; a child returns all of it when it exits. Returns
+    how many images were computed (0, without starting a process, when everything is cached).
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    from mllm.vision import build_vision_tower
+
+    parent = FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype))
+    missing = [im for im in images if im not in parent]
+    if not missing:
+        return 0
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        computed = pool.submit(_fill_child, vision_cfg, dtype, root, missing).result()
+    still = sum(im not in parent for im in missing)
+    if still:
+        raise RuntimeError(f"feature cache {parent.dir}: {still} image(s) still missing after the fill")
+    return computed
+
+
+def _fill_child(vision_cfg, dtype: torch.dtype, root: str, images: list) -> int:
+    from mllm.vision import build_vision_tower
+
+    return FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype)).fill(images, progress=False)

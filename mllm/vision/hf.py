@@ -43,7 +43,9 @@ def _prefix_tokens(model) -> int:
 
     Asked of the tower's embeddings, never assumed: SigLIP has neither.
     """
-    emb = getattr(model, "embeddings", None) or getattr(getattr(model, "vision_model", None), "embeddings", None)
+    emb = getattr(model, "embeddings", None) or getattr(
+        getattr(model, "vision_model", None), "embeddings", None
+    )
     if emb is None:
         raise ValueError(f"cannot find the embeddings of {type(model).__name__} to count its prefix tokens")
     count = int(hasattr(emb, "class_embedding") or getattr(emb, "cls_token", None) is not None)
@@ -66,7 +68,9 @@ def _square_side(processor) -> int:
 
 
 class HFVisionTower(VisionTower):
-    def __init__(self, cfg: VisionConfig, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    def __init__(
+        self, cfg: VisionConfig, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    ):
         super().__init__()
         self.cfg = cfg
         self.model = _load_vision_model(cfg.path, dtype, trust_remote_code)
@@ -80,7 +84,9 @@ class HFVisionTower(VisionTower):
         self._patches = patches
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")[
+            "pixel_values"
+        ]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
