@@ -34,3 +34,19 @@ class Source:
     def raw_id(self, index: int) -> str | None:
         """The record's own id, for error messages, without normalising it (None if unreadable)."""
         return None
+
+
+class RecordFileSource(Source):
+    """A source read from a record file (JSON, JSONL or CSV rows in `self.records`): length, line numbers and raw
+    ids come from the records; subclasses say how a record becomes a `Sample`."""
+
+    records: Any
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def line(self, index: int) -> int | None:
+        return self.records.line(index)
+
+    def raw_id(self, index: int) -> str | None:
+        return self.records.raw_id(index)

@@ -14,7 +14,7 @@ from mllm.config import IMAGE_PLACEHOLDER
 from mllm.data.errors import BadSampleError
 from mllm.data.recipe import SourceSpec
 from mllm.data.sample import Sample
-from mllm.data.sources.base import Source
+from mllm.data.sources.base import RecordFileSource
 from mllm.data.sources.records import JsonRecords, image_refs
 
 IMAGE_COLUMNS = ("image", "images", "image_path", "file_name", "filename", "path", "jpg", "png")
@@ -98,7 +98,7 @@ class CsvRows:
         return self.rows[0] if self.rows else None
 
 
-class CaptionSource(Source):
+class CaptionSource(RecordFileSource):
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
         self.records = CsvRows(spec.path) if spec.path.endswith(".csv") else JsonRecords(spec.path)
@@ -110,15 +110,6 @@ class CaptionSource(Source):
     @classmethod
     def detect(cls, path: str, first: Any) -> bool:
         return path.endswith(".csv") or (path.endswith((".json", ".jsonl")) and is_caption_record(first))
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def line(self, index: int) -> int | None:
-        return self.records.line(index)
-
-    def raw_id(self, index: int) -> str | None:
-        return self.records.raw_id(index)
 
     def sample(self, index: int) -> Sample:
         rec = self.records[index]

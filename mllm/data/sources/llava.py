@@ -11,7 +11,7 @@ from typing import Any
 from mllm.data.errors import BadSampleError
 from mllm.data.recipe import SourceSpec
 from mllm.data.sample import Sample, role_of
-from mllm.data.sources.base import Source
+from mllm.data.sources.base import RecordFileSource
 from mllm.data.sources.records import JsonRecords, image_refs
 
 
@@ -32,7 +32,7 @@ def conversations_sample(rec: dict[str, Any], fallback_id: str) -> Sample:
     return Sample(id=str(rid) if rid is not None else fallback_id, messages=messages, images=images)
 
 
-class LlavaSource(Source):
+class LlavaSource(RecordFileSource):
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
         self.records = JsonRecords(spec.path)
@@ -40,15 +40,6 @@ class LlavaSource(Source):
     @classmethod
     def detect(cls, path: str, first: Any) -> bool:
         return path.endswith((".json", ".jsonl")) and isinstance(first, dict) and "conversations" in first
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def line(self, index: int) -> int | None:
-        return self.records.line(index)
-
-    def raw_id(self, index: int) -> str | None:
-        return self.records.raw_id(index)
 
     def sample(self, index: int) -> Sample:
         return conversations_sample(self.records[index], f"{self.name}:{index}")
