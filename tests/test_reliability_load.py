@@ -4,6 +4,7 @@ not grow step over step (measured per step; the figures are printed)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -86,7 +87,8 @@ def growth(values: list[float]) -> tuple[float, float]:
 def test_two_process_zero3_with_workers_over_2000_samples(backbones, tmp_path, capsys):
     data = write_samples(tmp_path / "data")
     out = tmp_path / "run"
-    cmd = launcher() + ["--num_gpus", "2", "--master_port", str(29400 + os.getpid() % 200)]
+    port = 29400 + os.getpid() % 200
+    cmd = launcher() + ["--num_gpus", "2", "--master_port", str(port)]
     cmd += [str(ROOT / "scripts" / "pretrain.py"), "--zero", str(ROOT / "zero_configs" / "z3.json")]
     cmd += ["--vision", backbones["clip"], "--llm", backbones["llama"], "--data", data, "--output", str(out)]
     cmd += [
@@ -132,6 +134,9 @@ def test_two_process_zero3_with_workers_over_2000_samples(backbones, tmp_path, c
     while time.time() < deadline and not group_gone(proc.pid):
         time.sleep(0.2)
     assert group_gone(proc.pid), f"left behind: {survivors(proc.pid)}"
+    # DeepSpeed's CPU all-reduce segments (~70 MB of RAM each) must not outlive the run
+    leaked = sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared memory left in /dev/shm: {leaked}"
 
     rank0, rank0_slope = growth([r["rss_mb"] for r in records])
     busy = [(t, m) for t, m, n in memory.samples if n >= 11]  # launcher, 2 ranks and 8 workers all up

@@ -121,3 +121,26 @@ def test_zero3_zero2_offload_and_one_process_train_the_same_weights(backbones, t
     assert sorted(p.name for p in ckpt.glob("rank*_state.pt")) == ["rank0_state.pt", "rank1_state.pt"]
     model, saved = load_checkpoint(outs["z3"])  # written under ZeRO-3, read without DeepSpeed
     assert saved["run"]["zero"].endswith("z3.json") and saved["model"]["llm"]["mode"] == "lora"
+
+
+def test_a_lock_left_by_a_killed_load_does_not_hang_the_next_run():
+    """torch's build-folder lock file outlives a SIGKILLed holder; the next run must clear it, not wait forever."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils import cpp_extension
+
+    load = [
+        sys.executable,
+        "-c",
+        "from mllm.train.distributed import load_deepspeed_op as f; f('ShareMemCommBuilder')",
+    ]
+    subprocess.run(load, check=True, capture_output=True, timeout=600)  # built once (install.sh already did)
+    name = get_accelerator().create_op_builder("ShareMemCommBuilder").name
+    stale = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    stale.touch()
+    try:
+        proc = subprocess.run(load, capture_output=True, text=True, timeout=120)
+    finally:
+        left = stale.exists()
+        stale.unlink(missing_ok=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "removing" in proc.stdout and not left

@@ -11,8 +11,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,6 +137,11 @@ class Demo:
         return json.loads((self.out / name / "scores.json").read_text())
 
     def execute(self, name: str, cmd: list[str]) -> None:
+        """Run one phase's command, its output going to logs/<name>.log (and this terminal unless quiet).
+
+        The child leads its own process group: once it exits, anything it left running (a data worker, a
+        compiler) is stopped with it, so a stray grandchild cannot hold the log pipe open and stall the demo.
+        """
         logs = self.out / "logs"
         logs.mkdir(exist_ok=True)
         log_path = logs / f"{name}.log"
@@ -142,19 +149,34 @@ class Demo:
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
             proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
             )
-            for line in proc.stdout:
-                log.write(line)
-                if self.stream:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-            code = proc.wait()
+            reader = threading.Thread(target=self._copy_output, args=(proc.stdout, log), daemon=True)
+            reader.start()
+            try:
+                code = proc.wait()
+                reader.join(timeout=10)
+            finally:
+                _stop_group(proc.pid)
+                reader.join()
         if code != 0:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
             raise DemoError(
                 f"phase {name} failed (exit {code}); full log: {log_path}\n$ {shlex.join(cmd)}\n{tail}"
             )
+
+    def _copy_output(self, stream, log) -> None:
+        for line in stream:
+            log.write(line)
+            if self.stream:
+                sys.stdout.write(line)
+                sys.stdout.flush()
 
     def results(self, captions: dict, seen: dict, blind: dict, manifest: dict, seconds: float) -> dict:
         stage1 = _summary(self.out / "stage1")
@@ -194,6 +216,14 @@ class Demo:
             "checkpoint": str(self.out / "stage2"),
             "chat_command": chat_command(self.out / "stage2", self.data_dir / example),
         }
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGKILL what is left of a finished phase's process group (nothing, normally)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def train_command(stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Path) -> list[str]:

@@ -60,17 +60,75 @@ def init_distributed() -> World:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        load_deepspeed_op("ShareMemCommBuilder")  # what init_distributed would build, but kill-safe
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
-    return World(
+    world = World(
         rank=torch.distributed.get_rank(),
         local_rank=local_rank,
         size=torch.distributed.get_world_size(),
         device=device,
     )
+    if device.type == "cpu":
+        release_shm_names(world.rank)
+    return world
+
+
+SHM_BUFFER_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
+
+
+def shm_buffer_path(rank: int) -> str:
+    """Where DeepSpeed's CPU shared-memory all-reduce keeps `rank`'s workspace for this process group."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_names(rank: int) -> None:
+    """Unlink this rank's shared-memory all-reduce segment once every rank has mapped it.
+
+    DeepSpeed's CPU backend creates one ~70 MB /dev/shm segment per rank and never unlinks it, so each run
+    (and each crash) left RAM-backed files behind until reboot. After the barrier every rank has mapped its
+    peers' segments (its initialisation waits for that), and a mapping outlives its name.
+    """
+    torch.distributed.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer_path(rank))
+
+
+def load_deepspeed_op(builder_name: str) -> None:
+    """Load one of DeepSpeed's just-in-time-built ops into this process (DeepSpeed then reuses it), safely.
+
+    torch guards each extension's build folder with a plain lock file that every loading process holds for a
+    moment (while ninja checks the build). A process killed in that moment (SIGKILL, the OOM killer, a node
+    going away) leaves the file behind, and every later run waits on it forever, silently. mllm loads under
+    an OS lock that dies with its holder instead: holding it, a leftover lock file can only be stale.
+    """
+    import fcntl
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils import cpp_extension
+
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed falls back without it, as it would on its own
+    build_dir = Path(cpp_extension._get_build_directory(builder.name, verbose=False))
+    with open(build_dir.parent / f"{builder.name}.mllm-lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            print(f"removing {stale}: left by a process killed while loading {builder.name}", flush=True)
+            stale.unlink(missing_ok=True)
+        if not (build_dir / f"{builder.name}.so").exists():
+            print(
+                f"building DeepSpeed's {builder.name} op (first run on this machine only, about a minute)",
+                flush=True,
+            )
+        builder.load(verbose=False)
 
 
 def quiet_library_deprecations() -> None:
@@ -169,6 +227,8 @@ def make_optimizer(
 
     if offloads_optimizer(ds) and get_accelerator().device_name() != "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        load_deepspeed_op("CPUAdamBuilder")
 
         return DeepSpeedCPUAdam(param_groups, weight_decay=weight_decay, adamw_mode=True)
     if offloads_optimizer(ds):
