@@ -135,3 +135,30 @@ def test_bad_sizes_are_refused():
         DemoData(train_images=0)
     with pytest.raises(ValueError, match="test_questions"):
         DemoData(test_questions=10**6)
+
+
+def test_multi_turn_stage2_keeps_every_question_with_its_own_image(tmp_path, backbones):
+    from transformers import AutoTokenizer
+
+    from mllm.data import build_dataset, load_recipe
+
+    cfg = dict(train_images=60, test_questions=20, balance_yes_no=False, seed=2)
+    one = build_demo_data(str(tmp_path / "one"), DemoData(**cfg))
+    four = build_demo_data(str(tmp_path / "four"), DemoData(**cfg, questions_per_sample=4))
+    samples = json.loads((tmp_path / "four" / "stage2.json").read_text())
+    assert four["stage2"]["questions"] == one["stage2"]["questions"] == one["stage2"]["samples"]
+    assert four["stage2"]["by_type"] == one["stage2"]["by_type"] and len(samples) < one["stage2"]["samples"]
+    truth = {(q.image_id, q.question, q.answer) for q in load_questions("train")}
+    for s in samples:
+        turns = s["conversations"]
+        assert 2 <= len(turns) <= 8 and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert not any("<image>" in t["value"] for t in turns[1:])
+        image_id = int(os.path.basename(s["image"])[:-4])
+        for q, a in zip(turns[::2], turns[1::2], strict=True):
+            assert (image_id, q["value"].removeprefix("<image>\n"), a["value"]) in truth
+    shutil.copyfile(shipped_recipes_dir() / "demo_stage2.yaml", tmp_path / "four" / "demo_stage2.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(backbones["llama"])
+    recipe = load_recipe(str(tmp_path / "four" / "demo_stage2.yaml"))
+    ds = build_dataset(recipe, tokenizer, image_tokens=9, preprocess=None, seed=0, progress=False)
+    assert len(ds) == len(samples)

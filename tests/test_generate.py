@@ -107,3 +107,31 @@ def test_stop_tokens_include_the_templates_end_of_turn(backbones):
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     processor = Processor(tok, vision=None, template="chatml", image_tokens=4)
     assert set(processor.stop_token_ids()) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_the_vocabulary_head_reads_only_the_last_position_contiguously(tmp_path, backbones, mode):
+    """The prompt's prefill must not run the head on every position, nor hand it a strided slice (on a CPU
+    that copies the head weight once per sequence); a LoRA wrapper must not hide this from `generate`."""
+    from mllm.config import ConnectorConfig, LLMConfig, LoraSettings, ModelConfig, VisionConfig
+    from mllm.inference import Conversation, SamplingConfig, generate_batch, load_pretrained
+
+    cfg = ModelConfig(
+        vision=VisionConfig(path=backbones["clip"]),
+        connector=ConnectorConfig(kind="mlp"),
+        llm=LLMConfig(path=backbones["llama"], mode=mode, lora=LoraSettings(r=4, alpha=8)),
+        dtype="fp32",
+    )
+    model, processor = load_pretrained(make_checkpoint(tmp_path / "c", cfg))
+    seen = []
+    head = model.llm.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    convs = [
+        Conversation.single("Describe the image in detail.", [make_image(7)]),
+        Conversation.single("Hi?", []),
+    ]
+    try:
+        generate_batch(model, processor, convs, SamplingConfig(max_new_tokens=3))
+    finally:
+        hook.remove()
+    assert seen and all(h.shape[:2] == (2, 1) and h.is_contiguous() for h in seen), [h.shape for h in seen]

@@ -146,6 +146,13 @@ def precompile(model, loader, sampler, loss_of) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def _compiled_graphs() -> int:
+    """Graphs dynamo compiled in this process so far (recompiles for new shapes show up here)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def build_loader(
     work: Work,
     stage: int,
@@ -220,9 +227,11 @@ def run_mllm(
     model = build_model(cfg)
     model.train()
     tokenizer = load_tokenizer(cfg)
+    rss = {"model": peak_rss_mb()}
     ds, sampler, loader, info = build_loader(
         work, stage, model, tokenizer, levers, batch_size, samples, cache_dir, seed
     )
+    rss["data"] = peak_rss_mb()
     attn = attention_for(ds.lengths, levers)
     if attn != cfg.attn_implementation:
         model.llm.set_attn_implementation(attn)
@@ -235,7 +244,9 @@ def run_mllm(
         t = time.perf_counter()
         precompile(model, loader, sampler, lambda b: loss_fn(model, with_explicit_mask(b, mask_dtype)))
         info["precompile_s"] = time.perf_counter() - t
+        rss["precompile"] = peak_rss_mb()
     meter = StepMeter(warmup=warmup)
+    rss_trace: list[int] = []
     batches = iter(loader)
     t_start = time.perf_counter()
     total = warmup + steps if steps > 0 else len(sampler)  # 0 timed steps asked = one full epoch
@@ -258,7 +269,13 @@ def run_mllm(
             batch["sample_lengths"], batch["sample_images"], batch["input_ids"].numel(), supervised, wait
         )
         meter.step_end(loss.item())
+        if meter.steps % 25 == 0:
+            rss_trace.append(round(peak_rss_mb()))
     wall = time.perf_counter() - t_start
+    rss["train"] = peak_rss_mb()
+    rss["every_25_steps"] = rss_trace
+    info["compiled_graphs"] = _compiled_graphs()
+    info["peak_rss_mb_after"] = rss
     result = meter.result()
     result.update(
         side="mllm",

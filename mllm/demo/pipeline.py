@@ -7,6 +7,7 @@ process: the demo proves the normal code path, not a shortcut beside it.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import shlex
@@ -153,8 +154,6 @@ class Demo:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                text=True,
-                bufsize=1,
                 start_new_session=True,
             )
             reader = threading.Thread(target=self._copy_output, args=(proc.stdout, log), daemon=True)
@@ -172,11 +171,15 @@ class Demo:
             )
 
     def _copy_output(self, stream, log) -> None:
-        for line in stream:
-            log.write(line)
+        """Copy the child's output as it comes (progress bars redraw with \\r, not whole lines)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := os.read(stream.fileno(), 65536):
+            text = decoder.decode(chunk)
+            log.write(text)
             if self.stream:
-                sys.stdout.write(line)
+                sys.stdout.write(text)
                 sys.stdout.flush()
+        log.flush()
 
     def results(self, captions: dict, seen: dict, blind: dict, manifest: dict, seconds: float) -> dict:
         stage1 = _summary(self.out / "stage1")

@@ -43,10 +43,10 @@ class DemoSettings:
     num_queries: int = 9
     """`qformer` / `resampler`: learned queries = visual tokens per image (they read all 49 patches)."""
     stage1: StageSettings = field(
-        default_factory=lambda: StageSettings(steps=150, micro_batch_size=32, lr=2e-3)
+        default_factory=lambda: StageSettings(steps=120, micro_batch_size=32, lr=2e-3)
     )
     stage2: StageSettings = field(
-        default_factory=lambda: StageSettings(steps=400, micro_batch_size=16, lr=1e-3, connector_lr=1e-3)
+        default_factory=lambda: StageSettings(steps=320, micro_batch_size=16, lr=1e-3, connector_lr=1e-3)
     )
     lora_r: int = 32
     lora_alpha: int = 64

@@ -5,6 +5,7 @@ Temperature 0 means greedy decoding. Streaming uses transformers' streamers (`Te
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -91,9 +92,23 @@ def generate_batch(
         pad_token_id=processor.pad_token_id,
         eos_token_id=stop_token_ids(model, processor),
         streamer=streamer,
+        **_last_logits_only(model.llm, device),
         **sampling.generate_kwargs(),
     )  # [B, new]: with inputs_embeds only, generate returns just the continuation
     return [t.strip() for t in processor.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+
+
+def _last_logits_only(llm, device: torch.device) -> dict:
+    """Logits at the last position only, asked for so that the head reads a contiguous tensor.
+
+    `generate` asks for `logits_to_keep=1`, which hands the vocabulary head a strided slice of the prompt's hidden
+    states; on a CPU, torch's matmul then copies the whole head weight once per sequence (measured: 4.8 of 6.6 s of
+    a 32-question batch on SmolLM2-135M). An index tensor makes the slice a small contiguous copy instead.
+    """
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return {}
+    return {"logits_to_keep": torch.tensor([-1], device=device)}
 
 
 def generate(
