@@ -154,3 +154,39 @@ def test_unknown_schedule_or_connector_is_refused():
         demo_settings("huge")
     with pytest.raises(ValueError, match="connector"):
         demo_settings("quick", "linear")
+
+
+def test_a_phase_ends_with_its_command_even_if_a_grandchild_holds_the_output(tmp_path):
+    """A stray grandchild keeping the log pipe open must neither stall the demo nor outlive the phase; the log
+    gets the output as it comes, progress-bar redraws (\\r) included."""
+    import os
+    import sys
+    import time
+
+    from mllm.demo.pipeline import Demo
+
+    demo = Demo(str(tmp_path), demo_settings("quick"), stream=False)
+    tmp_path.mkdir(exist_ok=True)
+    pidfile = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys; "
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid)); "
+        "print('step 1\\rstep 2', flush=True)"
+    )
+    start = time.monotonic()
+    demo.execute("phase", [sys.executable, "-c", script])
+    assert time.monotonic() - start < 60
+    assert b"step 1\rstep 2" in (tmp_path / "logs" / "phase.log").read_bytes()
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{grandchild}"):
+        state = (
+            open(f"/proc/{grandchild}/stat").read().split()[2]
+            if os.path.exists(f"/proc/{grandchild}")
+            else ""
+        )
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{grandchild}") or state == "Z"
