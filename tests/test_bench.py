@@ -76,7 +76,9 @@ def test_levers_are_documented():
     assert Levers.names() == [
         "supervised_head",
         "packing",
+        "causal_kernel",
         "length_grouping",
+        "few_shapes",
         "feature_cache",
         "workers",
         "compile",

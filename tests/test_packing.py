@@ -51,9 +51,22 @@ def test_collator_layout():
     assert batch["sample_lengths"] == [5, 3, 4] and batch["sample_images"] == [1, 0, 1]
     assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum() == k * 2
 
-    plain = PackingCollator(PAD, pack=False)([a, b, c])
+    plain = PackingCollator(PAD, pack=False, mask_free=False)([a, b, c])
     assert plain["input_ids"].shape == (3, 5) and plain["position_ids"] is None
     assert plain["attention_mask"].sum(1).tolist() == [5, 3, 4]
+    # one sample per row: by default neither mask nor positions (padding only follows real tokens)
+    free = PackingCollator(PAD, pack=False)([a, b, c])
+    assert free["attention_mask"] is None and free["position_ids"] is None
+    assert torch.equal(free["input_ids"], plain["input_ids"]) and torch.equal(free["labels"], plain["labels"])
+    assert PackingCollator(PAD).is_mask_free([5, 3, 4])  # nothing fits beside the longest: no row is shared
+    assert not PackingCollator(PAD, row_width=9).is_mask_free([5, 3, 4])
+
+    wide = PackingCollator(PAD, pad_to_multiple_of=8)([a, b, c])
+    assert wide["input_ids"].shape == (3, 8) and wide["attention_mask"] is None
+    assert (wide["labels"][:, 5:] == -100).all() and (wide["input_ids"][:, 5:] == PAD).all()
+    assert PackingCollator(PAD, row_width=9, pad_to_multiple_of=4)([a, b, c])["input_ids"].shape == (2, 12)
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        PackingCollator(PAD, pad_to_multiple_of=0)
 
 
 def _samples(model, seed=0):
@@ -97,7 +110,7 @@ def test_packed_and_unpacked_losses_and_gradients_are_equal(tiny_config, llm):
     items = _samples(model)
     lengths = sorted(it["input_ids"].numel() for it in items)
     packed = PackingCollator(PAD, row_width=lengths[-1] + lengths[-2])(items)
-    plain = PackingCollator(PAD, pack=False)(items)
+    plain = PackingCollator(PAD, pack=False, mask_free=False)(items)
     assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]
     loss_p, n_p, grads_p = _loss_sum_and_grads(model, packed)
     loss_u, n_u, grads_u = _loss_sum_and_grads(model, plain)
@@ -119,7 +132,7 @@ def test_explicit_block_mask_is_the_same_computation(tiny_config, attn):
     lengths = sorted(it["input_ids"].numel() for it in items)
     for batch in (
         PackingCollator(PAD, row_width=lengths[-1] + lengths[-2])(items),
-        PackingCollator(PAD, pack=False)(items),
+        PackingCollator(PAD, pack=False, mask_free=False)(items),
     ):
         explicit = with_explicit_mask(batch, additive)
         assert explicit["attention_mask"].dim() == 4
@@ -128,6 +141,27 @@ def test_explicit_block_mask_is_the_same_computation(tiny_config, attn):
         loss_b, n_b, grads_b = _loss_sum_and_grads(model, explicit)
         assert n_a == n_b and torch.allclose(loss_a, loss_b, rtol=1e-5)
         assert all(torch.allclose(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-6) for n in grads_a)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_mask_free_batches_compute_what_masked_ones_do(tiny_config, attn):
+    """One sample per row, right-padded (to a multiple, too): no mask gives the masked batch's loss and gradients."""
+    from mllm.bench.ours import with_explicit_mask
+
+    cfg = tiny_config("clip", "llama", "mlp", mode="full")
+    cfg.attn_implementation = attn
+    model = build_model(cfg)
+    items = _samples(model, seed=5)
+    masked = PackingCollator(PAD, pack=False, mask_free=False)(items)
+    free = PackingCollator(PAD, pad_to_multiple_of=16)(items)
+    assert free["attention_mask"] is None and free["position_ids"] is None
+    assert free["input_ids"].shape[1] % 16 == 0 and free["input_ids"].shape[1] > masked["input_ids"].shape[1]
+    assert with_explicit_mask(free) is free  # compiled layers: transformers' own causal path
+    loss_m, n_m, grads_m = _loss_sum_and_grads(model, masked)
+    loss_f, n_f, grads_f = _loss_sum_and_grads(model, free)
+    assert n_m == n_f and torch.allclose(loss_m, loss_f, rtol=1e-5)
+    for name in grads_m:
+        assert torch.allclose(grads_m[name], grads_f[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_no_attention_across_packed_samples(tiny_config):

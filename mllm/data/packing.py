@@ -10,6 +10,13 @@ a packed row computes exactly what the samples would compute one by one. The
 first label of every sample is ignored, so no sample is trained to predict the
 start of its neighbour. Images (`pixel_values` or cached `features`) are
 concatenated in row-major token order, as `MultimodalLM.embed` splices them.
+
+A micro-batch in which no two samples share a row (the usual case once the
+sampler groups by length) goes out with neither mask nor position ids: its
+padding only ever follows the real tokens, so causal attention alone is exact
+for all of them, and SDPA (or flash-attn) then runs its causal kernel, which
+skips the score blocks above the diagonal: half the attention work of any
+masked kernel, which computes every block and masks it after.
 """
 
 from __future__ import annotations
@@ -43,28 +50,56 @@ class PackingCollator:
     """Dataset items (`input_ids`, `labels`, `pixel_values` or `features`, `id`) → a packed batch.
 
     The batch has `input_ids`, `labels`, `position_ids` [R, W] and `attention_mask=None` (or, with
-    `pack=False`, one right-padded sample per row, `attention_mask` [R, W] and `position_ids=None`), `pixel_values` or
+    `pack=False`, one right-padded sample per row, `attention_mask` [R, W] and `position_ids=None`; or, when
+    every row holds one sample and `mask_free` is on, right-padded rows with neither), `pixel_values` or
     `features` (images in row-major order), `image_counts` [R], `sample_ids` (per row), and `sample_lengths`
     and `sample_images` (every sample's token and image count, for throughput accounting).
     """
 
-    def __init__(self, pad_token_id: int, row_width: int | None = None, pack: bool = True):
+    def __init__(
+        self,
+        pad_token_id: int,
+        row_width: int | None = None,
+        pack: bool = True,
+        mask_free: bool = True,
+        pad_to_multiple_of: int = 1,
+    ):
         if pad_token_id is None or pad_token_id < 0:
             raise ValueError(f"pad_token_id must be a real token id, got {pad_token_id}")
         if row_width is not None and row_width < 1:
             raise ValueError(f"row_width must be >= 1, got {row_width}")
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id
         self.row_width = row_width
         self.pack = pack
-        """False: one sample per row, right-padded, with an `attention_mask` (the plain padded batch)."""
+        """False: one sample per row, right-padded (the plain padded batch)."""
+        self.pad_to_multiple_of = pad_to_multiple_of
+        """Rows are padded to a multiple of this many tokens (packing still fills them only to the longest
+        sample): few distinct batch shapes, so the CPU matmul library (oneDNN) builds and caches a kernel for
+        a handful of shapes instead of one per length, which otherwise grows memory with every new length."""
+        self.mask_free = mask_free
+        """True: a batch whose rows each hold one sample carries no `attention_mask` / `position_ids` (causal
+        kernels); False: it keeps its padding mask (`pack=False`) or per-row positions (`pack=True`)."""
+
+    def rows(self, lengths: list[int]) -> list[list[int]]:
+        """The samples (by index into `lengths`) that each row of the batch holds."""
+        width = max(max(lengths), self.row_width or 0)
+        return pack_rows(lengths, width) if self.pack else [[i] for i in range(len(lengths))]
+
+    def is_mask_free(self, lengths: list[int]) -> bool:
+        """Whether the batch of these sample lengths goes out without mask and positions (see the module doc)."""
+        return self.mask_free and all(len(r) == 1 for r in self.rows(lengths))
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         items = [it for it in items if it is not None]
         if not items:
             raise ValueError("PackingCollator got an empty micro-batch (every sample was skipped)")
         lengths = [it["input_ids"].numel() for it in items]
-        width = max(max(lengths), self.row_width or 0)
-        rows = pack_rows(lengths, width) if self.pack else [[i] for i in range(len(items))]
+        rows = self.rows(lengths)
+        width = (
+            -(-max(max(lengths), self.row_width or 0) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        )
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -89,6 +124,8 @@ class PackingCollator:
             row_ids.append([items[i]["id"] for i in members])
         used = torch.tensor([sum(lengths[i] for i in members) for members in rows])
         mask = None if self.pack else (torch.arange(width)[None, :] < used[:, None]).long()
+        if self.is_mask_free(lengths):
+            mask, positions = None, None
         return {
             "input_ids": ids,
             "labels": labels,
