@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -84,6 +85,15 @@ def test_llava_mix665k_schema_with_chat_template(tmp_path):
         assert batch["attention_mask"][b].sum() == n
         assert (batch["input_ids"][b, n:] == tok.pad_token_id).all()
         assert (batch["labels"][b, n:] == IGNORE_INDEX).all()
+
+    rounded = Collator(tok.pad_token_id, pad_to_multiple_of=16, mask_free=True)([ds[0], None, ds[1], ds[2]])
+    assert rounded["attention_mask"] is None
+    assert rounded["input_ids"].shape[1] == -(-width // 16) * 16 >= width
+    assert torch.equal(rounded["input_ids"][:, :width], batch["input_ids"])
+    assert torch.equal(rounded["labels"][:, :width], batch["labels"])
+    assert (rounded["labels"][:, width:] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        Collator(tok.pad_token_id, pad_to_multiple_of=0)
 
 
 def test_jsonl_recipe_with_system_prompt_and_sampling(tmp_path):

@@ -183,7 +183,10 @@ def group_gone(pgid: int) -> bool:
     return False
 
 
-def test_a_micro_batch_without_images_gets_a_blank_row_that_changes_nothing(backbones, tiny_config):
+@pytest.mark.parametrize("mask_free", [False, True])
+def test_a_micro_batch_without_images_gets_a_blank_row_that_changes_nothing(
+    backbones, tiny_config, mask_free
+):
     """Text-only (or all-bad) micro-batches: the blank image row keeps vision tower and connector in every forward
     (ZeRO-3 ranks gather the same parameters; stage 1 gets a loss with a gradient) and leaves loss and gradients
     of the real rows exactly as they were."""
@@ -202,7 +205,7 @@ def test_a_micro_batch_without_images_gets_a_blank_row_that_changes_nothing(back
         n = len(tok(q)["input_ids"])
         items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor([-100] * n + ids[n:]), "id": q,
                       "pixel_values": torch.zeros((0, 3, 32, 32))})  # fmt: skip
-    batch = Collator(tok.pad_token_id)(items)
+    batch = Collator(tok.pad_token_id, mask_free=mask_free)(items)
     blank = BlankImageRow(tok.pad_token_id, model.num_image_tokens, (3, 32, 32))
     padded = blank(batch)
     assert (
@@ -211,6 +214,7 @@ def test_a_micro_batch_without_images_gets_a_blank_row_that_changes_nothing(back
         and padded["sample_ids"] == batch["sample_ids"]
     )
     assert blank(padded) is padded  # a batch with an image is left alone
+    assert (padded["attention_mask"] is None) == mask_free
     assert blank(Collator(tok.pad_token_id)([None, None]))["input_ids"].shape == (1, model.num_image_tokens)
 
     def loss_and_grads(b):

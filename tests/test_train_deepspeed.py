@@ -100,8 +100,14 @@ def test_zero3_zero2_offload_and_one_process_train_the_same_weights(backbones, t
             ],
             outs[zero],
         )
-    outs["one"] = tmp_path / "one"  # one process, no launcher, accumulating the same 2 micro-batches per step
-    run([sys.executable, script] + common + ["--grad-accum", "2", "--output", str(outs["one"])], outs["one"])
+    # one process, no launcher, accumulating the same 2 micro-batches per step; and the other batch layout:
+    # rows rounded up to 16 tokens with an explicit padding mask (the launcher runs: no rounding, no mask)
+    outs["one"] = tmp_path / "one"
+    layout = ["--pad-to-multiple-of", "16", "--causal-kernel", "false"]
+    run(
+        [sys.executable, script] + common + layout + ["--grad-accum", "2", "--output", str(outs["one"])],
+        outs["one"],
+    )
 
     reference = trained_tensors(outs["z3"])
     assert reference and all(t.numel() > 0 for t in reference.values())

@@ -10,25 +10,37 @@ from mllm.data.encode import IGNORE_INDEX
 
 
 class Collator:
-    """Pads `input_ids` with `pad_token_id` and `labels` with -100; drops `None` (skipped) items."""
+    """Pads `input_ids` with `pad_token_id` and `labels` with -100; drops `None` (skipped) items.
 
-    def __init__(self, pad_token_id: int):
+    `pad_to_multiple_of`: rows are padded to a multiple of this many tokens, so a run meets few distinct batch
+    shapes (on CPU, oneDNN builds and keeps a matmul kernel per shape; on GPU, tensor cores want multiples of 8).
+    `mask_free`: the batch carries no `attention_mask` — right padding only ever follows a row's real tokens, so
+    causal attention alone is exact for them, and SDPA / flash-attn run their causal kernels, which skip the score
+    blocks above the diagonal instead of computing every block and masking it.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, mask_free: bool = False):
         if pad_token_id is None or pad_token_id < 0:
             raise ValueError(f"pad_token_id must be a real token id, got {pad_token_id}")
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.mask_free = mask_free
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         items = [it for it in items if it is not None]
         if not items:
             return {
                 "input_ids": torch.zeros((0, 0), dtype=torch.long),
-                "attention_mask": torch.zeros((0, 0), dtype=torch.long),
+                "attention_mask": None if self.mask_free else torch.zeros((0, 0), dtype=torch.long),
                 "labels": torch.zeros((0, 0), dtype=torch.long),
                 "pixel_values": None,
                 "image_counts": torch.zeros(0, dtype=torch.long),
                 "sample_ids": [],
             }
         width = max(it["input_ids"].numel() for it in items)
+        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -40,7 +52,7 @@ class Collator:
         pixels = [it["pixel_values"] for it in items if it["pixel_values"].shape[0] > 0]
         return {
             "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            "attention_mask": None if self.mask_free else attention_mask,
             "labels": labels,
             "pixel_values": torch.cat(pixels) if pixels else None,
             "image_counts": torch.tensor([it["pixel_values"].shape[0] for it in items], dtype=torch.long),

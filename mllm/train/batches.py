@@ -61,8 +61,10 @@ class BlankImageRow:
 
         input_ids = widen(batch["input_ids"], self.pad_token_id)
         input_ids[rows, : self.image_tokens] = IMAGE_TOKEN_ID
-        attention_mask = widen(batch["attention_mask"], 0)
-        attention_mask[rows, : self.image_tokens] = 1
+        attention_mask = None  # a mask-free batch stays one: the blank row is right-padded too
+        if batch["attention_mask"] is not None:
+            attention_mask = widen(batch["attention_mask"], 0)
+            attention_mask[rows, : self.image_tokens] = 1
         return {
             **batch,
             "input_ids": input_ids,
@@ -98,7 +100,9 @@ def build_train_data(
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=Collator(tokenizer.pad_token_id),
+        collate_fn=Collator(
+            tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of, mask_free=cfg.causal_kernel
+        ),
         num_workers=cfg.num_workers,
         # Each new iterator draws a seed from this generator; from the global RNG it would shift dropout
         # masks by whether an epoch began before or after a resume.

@@ -105,6 +105,12 @@ class TrainConfig:
     """DeepSpeed config JSON (zero_configs/z2.json, z3.json, z3_offload.json); empty = built-in ZeRO-2."""
     num_workers: int = 2
     """DataLoader worker processes that load and preprocess images ahead of the step."""
+    pad_to_multiple_of: int = 1
+    """Pad each micro-batch's rows to a multiple of this many tokens: few distinct shapes (on CPU, oneDNN keeps a
+    matmul kernel per shape, and one per length grows memory), tensor-core friendly on GPU; 1 = no rounding."""
+    causal_kernel: bool = True
+    """Micro-batches carry no attention mask (right padding never precedes a real token), so SDPA / flash-attn run
+    their causal kernels, skipping the score blocks above the diagonal; false = an explicit padding mask."""
     log_every: int = 1
     """Refresh the progress bar every N steps (metrics.jsonl always gets every step)."""
 
@@ -126,6 +132,7 @@ class TrainConfig:
                 f"dtype must be auto|bf16|fp32 (fp16 needs loss scaling), got {self.dtype!r}",
             ),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.pad_to_multiple_of >= 1, "pad_to_multiple_of must be >= 1 (1 = no rounding)"),
             (
                 self.grad_accum >= 0 and self.global_batch_size >= 1,
                 "grad_accum must be >= 0 and global_batch_size >= 1",
