@@ -107,3 +107,33 @@ def test_state_with_consumed_count_and_mismatch_errors():
     assert list(r) == s.batches()[4:]
     with pytest.raises(ValueError, match="micro_batch_size was 2 and is now 3"):
         MixtureBatchSampler(ds, 3, seed=0).load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_token_budget_per_micro_batch(group_by_length):
+    ds = fake_dataset([700, 300], weights=None, seed=4)  # lengths 20..2000
+    budget = 3000  # samples over 1,500 tokens come alone
+    sampler = MixtureBatchSampler(
+        ds, micro_batch_size=16, seed=2, max_tokens=budget, group_by_length=group_by_length
+    )
+    batches = list(sampler)
+    assert sorted(flat(batches)) == list(range(1000))  # every sample once, none dropped for being long
+    for b in batches:
+        padded = len(b) * max(ds.lengths[i] for i in b)
+        assert len(b) <= 16 and (padded <= budget or len(b) == 1)
+    sizes = Counter(len(b) for b in batches)
+    assert sizes[1] > 0
+    if group_by_length:  # short samples come many at a time: far fewer steps than the one sample per
+        assert sizes[16] > 0  # micro-batch a fixed size needs to keep the longest (2,000) under the budget
+        assert len(batches) < 0.6 * len(list(MixtureBatchSampler(ds, micro_batch_size=1, seed=2)))
+    # resumable, and a changed budget is refused on resume
+    state = sampler.state_dict(consumed=5)
+    again = MixtureBatchSampler(ds, 16, seed=2, max_tokens=budget, group_by_length=group_by_length)
+    again.load_state_dict(state)
+    assert list(again) == batches[5:]
+    with pytest.raises(ValueError, match="max_tokens was 3000 and is now 2048"):
+        MixtureBatchSampler(ds, 16, seed=2, max_tokens=2048, group_by_length=group_by_length).load_state_dict(
+            state
+        )
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        MixtureBatchSampler(ds, 16, seed=2, max_tokens=0)

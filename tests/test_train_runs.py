@@ -152,6 +152,18 @@ def test_stage1_then_lora_then_qlora(backbones, peaked_llm, colours, tmp_path):
     assert saved["model"]["llm"]["mode"] == "qlora"
 
 
+def test_token_budget_sets_the_micro_batches(backbones, colours, tmp_path):
+    # a budget below every sample's length: each sample gets a micro-batch of its own (never dropped)
+    cfg = config(
+        backbones, colours, tmp_path / "budget", micro_batch_size=4, grad_accum=1, max_steps=2, max_tokens=1
+    )
+    session = setup(cfg)
+    sampler = session.data.sampler
+    assert sampler.max_tokens == 1 and len(sampler.batches()) == len(sampler.lengths) > 2
+    assert all(len(b) == 1 for b in sampler.batches())
+    assert fit(session)["steps_this_run"] == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["", "z3.json"])
 def test_stop_at_step_k_and_resume_matches_an_uninterrupted_run(backbones, colours, tmp_path, zero):

@@ -229,6 +229,7 @@ def build_loader(
         ),
         num_workers=workers,
         prefetch_factor=8 if workers else None,
+        pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
     )
     return ds, sampler, loader, info

@@ -6,7 +6,9 @@ Per epoch (a pure function of seed and epoch):
    is cycled through in shuffled passes when its share exceeds its size);
 2. split them into image and text-only pools (a batch never mixes the two);
 3. in each pool, shuffle, cut into mega-batches, sort each by exact length and
-   cut it into micro-batches (similar lengths → little padding);
+   cut it into micro-batches (similar lengths → little padding); with a token
+   budget, a micro-batch takes as many samples (up to micro_batch_size) as fit
+   rows × its longest sample ≤ max_tokens, so short samples come many at a time;
 4. shuffle all micro-batches, put the longest first (out-of-memory shows at step 1),
    pad the count to a multiple of world_size, and deal them out round-robin to ranks.
 The position inside the epoch is saved in `state_dict()`, so a resumed run
@@ -34,9 +36,12 @@ class MixtureBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         group_by_length: bool = True,
+        max_tokens: int | None = None,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 (or None: no token budget), got {max_tokens}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.lengths = np.asarray(dataset.lengths, dtype=np.int64)
@@ -48,6 +53,9 @@ class MixtureBatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.group_by_length = group_by_length
+        self.max_tokens = max_tokens
+        """Token budget of a micro-batch (padded: rows × its longest sample, images included); micro_batch_size
+        stays the cap on its rows. A sample longer than the budget gets a micro-batch of its own."""
         self.epoch = 0
         self.position = 0
         """Micro-batches of this epoch already handed out on this rank."""
@@ -73,17 +81,30 @@ class MixtureBatchSampler:
             out.append(np.concatenate([rng.permutation(pool) for _ in range(passes)])[:q])
         return np.concatenate(out)
 
-    def _pool_batches(self, pool: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+    def _cut(self, order: np.ndarray) -> list[list[int]]:
+        """Consecutive micro-batches of `order`: micro_batch_size each, or as many as the token budget allows."""
         mb = self.micro_batch_size
+        if self.max_tokens is None:
+            return [order[i : i + mb].tolist() for i in range(0, len(order), mb)]
+        batches, current, longest = [], [], 0
+        for i in order.tolist():
+            widest = max(longest, int(self.lengths[i]))
+            if current and (len(current) == mb or (len(current) + 1) * widest > self.max_tokens):
+                batches.append(current)
+                current, widest = [], int(self.lengths[i])
+            current.append(i)
+            longest = widest
+        return batches + ([current] if current else [])
+
+    def _pool_batches(self, pool: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
         pool = rng.permutation(pool)
         if not self.group_by_length:
-            return [pool[i : i + mb].tolist() for i in range(0, len(pool), mb)]
-        mega = mb * self.world_size * MEGABATCH_FACTOR
+            return self._cut(pool)
+        mega = self.micro_batch_size * self.world_size * MEGABATCH_FACTOR
         batches = []
         for m in range(0, len(pool), mega):
             chunk = pool[m : m + mega]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + mb].tolist() for i in range(0, len(chunk), mb)]
+            batches += self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
         return batches
 
     def _global_batches(self, epoch: int) -> list[list[int]]:
@@ -140,15 +161,17 @@ class MixtureBatchSampler:
             "world_size": self.world_size,
             "num_samples": len(self.lengths),
             "group_by_length": self.group_by_length,
+            "max_tokens": self.max_tokens,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("seed", "micro_batch_size", "world_size", "num_samples", "group_by_length"):
+        for key in ("seed", "micro_batch_size", "world_size", "num_samples", "group_by_length", "max_tokens"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"cannot resume the data sampler: {key} was {state.get(key)} and is now {mine[key]}; "
-                    "the same data, seed, micro-batch size and world size are needed to continue with the same batches"
+                    "the same data, seed, micro-batch size, token budget and world size are needed to continue with the "
+                    "same batches"
                 )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 

@@ -93,7 +93,12 @@ def build_train_data(
         with open(dataset.skip_log, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in found_while_reading)
     sampler = MixtureBatchSampler(
-        dataset, cfg.micro_batch_size, seed=cfg.seed, rank=rank, world_size=world_size
+        dataset,
+        cfg.micro_batch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        max_tokens=cfg.max_tokens or None,
     )
     if len(sampler) == 0:
         raise ValueError(f"{cfg.data}: no micro-batches for rank {rank} of {world_size}")
@@ -104,6 +109,7 @@ def build_train_data(
             tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of, mask_free=cfg.causal_kernel
         ),
         num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
         # Each new iterator draws a seed from this generator; from the global RNG it would shift dropout
         # masks by whether an epoch began before or after a resume.
         generator=torch.Generator().manual_seed(cfg.seed),

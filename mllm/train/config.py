@@ -105,6 +105,9 @@ class TrainConfig:
     """DeepSpeed config JSON (zero_configs/z2.json, z3.json, z3_offload.json); empty = built-in ZeRO-2."""
     num_workers: int = 2
     """DataLoader worker processes that load and preprocess images ahead of the step."""
+    max_tokens: int = 0
+    """Token budget of a micro-batch (rows × its longest sample, image tokens included): as many length-grouped
+    samples as fit, at most micro_batch_size; 0 = always micro_batch_size samples."""
     pad_to_multiple_of: int = 1
     """Pad each micro-batch's rows to a multiple of this many tokens: few distinct shapes (on CPU, oneDNN keeps a
     matmul kernel per shape, and one per length grows memory), tensor-core friendly on GPU; 1 = no rounding."""
@@ -133,6 +136,7 @@ class TrainConfig:
             ),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.pad_to_multiple_of >= 1, "pad_to_multiple_of must be >= 1 (1 = no rounding)"),
+            (self.max_tokens >= 0, "max_tokens must be >= 0 (0 = no token budget)"),
             (
                 self.grad_accum >= 0 and self.global_batch_size >= 1,
                 "grad_accum must be >= 0 and global_batch_size >= 1",
