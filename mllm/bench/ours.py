@@ -156,10 +156,13 @@ def precompile(model, loader, sampler, loss_of) -> None:
     each attention layout the epoch holds (mask-free and masked batches are different graphs).
     """
     batches = sampler.batches()
-    mask_free = getattr(loader.collate_fn, "is_mask_free", lambda lengths: False)
     chosen = []
     for kind in (True, False):
-        of_kind = [i for i, b in enumerate(batches) if mask_free(sampler.lengths[b].tolist()) == kind]
+        of_kind = [
+            i
+            for i, b in enumerate(batches)
+            if loader.collate_fn.is_mask_free(sampler.lengths[b].tolist()) == kind
+        ]
         if of_kind:
             chosen.append(max(of_kind, key=lambda i: max(sampler.lengths[batches[i]])))
             chosen.append(min(of_kind, key=lambda i: max(sampler.lengths[batches[i]])))

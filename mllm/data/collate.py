@@ -9,6 +9,11 @@ import torch
 from mllm.data.encode import IGNORE_INDEX
 
 
+def round_up(width: int, multiple: int) -> int:
+    """`width` rounded up to a multiple of `multiple` (the padded row width of a micro-batch)."""
+    return -(-width // multiple) * multiple
+
+
 class Collator:
     """Pads `input_ids` with `pad_token_id` and `labels` with -100; drops `None` (skipped) items.
 
@@ -39,8 +44,7 @@ class Collator:
                 "image_counts": torch.zeros(0, dtype=torch.long),
                 "sample_ids": [],
             }
-        width = max(it["input_ids"].numel() for it in items)
-        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = round_up(max(it["input_ids"].numel() for it in items), self.pad_to_multiple_of)
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mllm.data.collate import round_up
 from mllm.data.encode import IGNORE_INDEX
 
 
@@ -87,9 +88,10 @@ class PackingCollator:
         width = max(max(lengths), self.row_width or 0)
         return pack_rows(lengths, width) if self.pack else [[i] for i in range(len(lengths))]
 
-    def is_mask_free(self, lengths: list[int]) -> bool:
-        """Whether the batch of these sample lengths goes out without mask and positions (see the module doc)."""
-        return self.mask_free and all(len(r) == 1 for r in self.rows(lengths))
+    def is_mask_free(self, lengths: list[int], rows: list[list[int]] | None = None) -> bool:
+        """Whether the batch of these sample lengths (laid out in `rows`, if already known) goes out without mask
+        and positions (see the module doc)."""
+        return self.mask_free and all(len(r) == 1 for r in (rows or self.rows(lengths)))
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         items = [it for it in items if it is not None]
@@ -97,9 +99,7 @@ class PackingCollator:
             raise ValueError("PackingCollator got an empty micro-batch (every sample was skipped)")
         lengths = [it["input_ids"].numel() for it in items]
         rows = self.rows(lengths)
-        width = (
-            -(-max(max(lengths), self.row_width or 0) // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        )
+        width = round_up(max(max(lengths), self.row_width or 0), self.pad_to_multiple_of)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -124,7 +124,7 @@ class PackingCollator:
             row_ids.append([items[i]["id"] for i in members])
         used = torch.tensor([sum(lengths[i] for i in members) for members in rows])
         mask = None if self.pack else (torch.arange(width)[None, :] < used[:, None]).long()
-        if self.is_mask_free(lengths):
+        if self.is_mask_free(lengths, rows):
             mask, positions = None, None
         return {
             "input_ids": ids,

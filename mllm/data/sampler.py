@@ -86,14 +86,14 @@ class MixtureBatchSampler:
         mb = self.micro_batch_size
         if self.max_tokens is None:
             return [order[i : i + mb].tolist() for i in range(0, len(order), mb)]
-        batches, current, longest = [], [], 0
+        batches, current, widest = [], [], 0
         for i in order.tolist():
-            widest = max(longest, int(self.lengths[i]))
-            if current and (len(current) == mb or (len(current) + 1) * widest > self.max_tokens):
+            n = int(self.lengths[i])
+            if current and (len(current) == mb or (len(current) + 1) * max(widest, n) > self.max_tokens):
                 batches.append(current)
-                current, widest = [], int(self.lengths[i])
+                current, widest = [], 0
             current.append(i)
-            longest = widest
+            widest = max(widest, n)
         return batches + ([current] if current else [])
 
     def _pool_batches(self, pool: np.ndarray, rng: np.random.Generator) -> list[list[int]]:

@@ -280,6 +280,7 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
         "data",
         "seed",
         "micro_batch_size",
+        "max_tokens",
         "lora_r",
     )
     changed = [
