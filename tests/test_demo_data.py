@@ -16,25 +16,12 @@ from mllm.demo.pipeline import RECIPES, shipped_recipes_dir
 pytestmark = pytest.mark.demo
 
 
-def oracle(note: Annotation, q: Question) -> str | None:
-    """Answer `q` from the annotation alone (None when the annotation lacks what it asks)."""
-    words = set(q.question.replace("?", "").split())
-    if q.type == "color":
-        return note.color
-    if q.type == "shape":
-        return note.shape
-    named = words & set(COLORS) or words & set(SHAPES)
-    value = note.color if words & set(COLORS) else note.shape
-    if value is None:
-        return None
-    return "yes" if (value in named) != q.negated else "no"
-
-
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_annotations_answer_every_question_of_their_image(split):
+    """`Question.answer_for` on the recovered annotations gives easy-VQA's own answer to every question."""
     questions = load_questions(split)
     notes = annotate(questions)
-    answered = [oracle(notes[q.image_id], q) for q in questions]
+    answered = [q.answer_for(notes[q.image_id]) for q in questions]
     checked = [(a, q.answer) for a, q in zip(answered, questions, strict=True) if a is not None]
     assert len(checked) > 0.9 * len(questions)
     assert all(a == b for a, b in checked)
@@ -135,6 +122,38 @@ def test_bad_sizes_are_refused():
         DemoData(train_images=0)
     with pytest.raises(ValueError, match="test_questions"):
         DemoData(test_questions=10**6)
+
+
+def test_text_drills_ask_each_yes_no_question_about_a_caption_with_balanced_answers(tmp_path, backbones):
+    from transformers import AutoTokenizer
+
+    from mllm.data import build_dataset, load_recipe
+
+    cfg = dict(train_images=120, test_questions=20, balance_yes_no=False, seed=3)
+    plain = build_demo_data(str(tmp_path / "plain"), DemoData(**cfg))
+    manifest = build_demo_data(str(tmp_path / "drills"), DemoData(**cfg, text_yes_no=1.0))
+    samples = json.loads((tmp_path / "drills" / "stage2.json").read_text())
+    drills = [s for s in samples if "image" not in s]
+    assert manifest["stage2"]["text_drills"] == len(drills) == plain["stage2"]["by_type"]["yes/no"]
+    assert manifest["stage2"]["samples"] == plain["stage2"]["samples"] == len(samples) - len(drills)
+    captions = {
+        s["conversations"][1]["value"] for s in json.loads((tmp_path / "drills" / "stage1.json").read_text())
+    }
+    answers = Counter()
+    for s in drills:
+        (human, gpt) = s["conversations"]
+        caption, question = human["value"].split("\n")
+        color, shape = caption[2:-1].split()
+        assert caption in captions and "<image>" not in human["value"]
+        assert gpt["value"] == Question(0, question, "yes").answer_for(Annotation(color, shape))
+        answers[(Question(0, question, "yes").asks_about, gpt["value"])] += 1
+    for about in ("color", "shape"):  # the wording no longer tells the answer
+        assert 0.35 < answers[about, "yes"] / (answers[about, "yes"] + answers[about, "no"]) < 0.65
+    shutil.copyfile(shipped_recipes_dir() / "demo_stage2.yaml", tmp_path / "drills" / "demo_stage2.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(backbones["llama"])
+    recipe = load_recipe(str(tmp_path / "drills" / "demo_stage2.yaml"))
+    ds = build_dataset(recipe, tokenizer, image_tokens=9, preprocess=None, seed=0, progress=False)
+    assert len(ds) == len(samples) and sum(ds.has_image) == len(samples) - len(drills)
 
 
 def test_multi_turn_stage2_keeps_every_question_with_its_own_image(tmp_path, backbones):

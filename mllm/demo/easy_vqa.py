@@ -42,6 +42,15 @@ class Question:
         words = set(_WORD.findall(self.question))
         return "color" if words & set(COLORS) else "shape"
 
+    def answer_for(self, note: Annotation) -> str | None:
+        """This question's answer about an image annotated `note` (None when `note` lacks what it needs)."""
+        kind = self.type if self.type != "yes/no" else self.asks_about
+        value = note.color if kind == "color" else note.shape
+        if value is None or self.type != "yes/no":
+            return value
+        named = set(_WORD.findall(self.question)) & set(COLORS if kind == "color" else SHAPES)
+        return "yes" if (value in named) != self.negated else "no"
+
 
 @dataclass(frozen=True)
 class Annotation:

@@ -72,7 +72,7 @@ def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSett
         return DemoSettings(
             schedule,
             connector,
-            data=DemoData(train_images=24, test_questions=24),
+            data=DemoData(train_images=24, test_questions=24, text_yes_no=1.0),
             stage1=StageSettings(steps=2, micro_batch_size=4, lr=2e-3),
             stage2=StageSettings(steps=2, micro_batch_size=4, lr=1e-3, connector_lr=1e-3),
             lora_r=4,
@@ -81,13 +81,15 @@ def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSett
         )
     if schedule == "default":
         return DemoSettings(
-            schedule, connector, data=DemoData(train_images=1000, test_questions=1000, balance_yes_no=False)
+            schedule,
+            connector,
+            data=DemoData(train_images=1000, test_questions=1000, balance_yes_no=False, text_yes_no=1.0),
         )
     if schedule == "full":
         return DemoSettings(
             schedule,
             connector,
-            data=DemoData(train_images=4000, test_questions=2000),
+            data=DemoData(train_images=4000, test_questions=2000, balance_yes_no=False, text_yes_no=1.0),
             stage1=StageSettings(steps=600, micro_batch_size=32, lr=2e-3),
             stage2=StageSettings(steps=3000, micro_batch_size=16, lr=1e-3, connector_lr=1e-3),
         )
