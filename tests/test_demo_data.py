@@ -122,6 +122,8 @@ def test_bad_sizes_are_refused():
         DemoData(train_images=0)
     with pytest.raises(ValueError, match="test_questions"):
         DemoData(test_questions=10**6)
+    with pytest.raises(ValueError, match="text_yes_no is a share of the yes/no questions, in 0..1; got 2"):
+        DemoData(text_yes_no=2)
 
 
 def test_text_drills_ask_each_yes_no_question_about_a_caption_with_balanced_answers(tmp_path, backbones):

@@ -50,7 +50,7 @@ class DemoData:
     """Stage 2: this share of the yes/no questions is also asked about a caption in words — a text-only
     sample ("A red circle.\nis there a blue shape?" → "no"), its caption drawn from the training images so
     that yes and no come equally often. SmolLM2-135M does not compare a question with a caption zero-shot
-    (47% on yes/no) and LoRA teaches it that on text within ~60 steps; the image questions then reuse the
+    (47% on yes/no) and LoRA teaches it that on text within ~75 steps; the image questions then reuse the
     comparison, fed by what the connector reads (measured in the README)."""
     seed: int = 0
 
