@@ -10,7 +10,15 @@ from collections import Counter, defaultdict
 import pytest
 
 from mllm.demo.data import DemoData, build_demo_data
-from mllm.demo.easy_vqa import COLORS, SHAPES, Annotation, Question, annotate, load_questions
+from mllm.demo.easy_vqa import (
+    COLORS,
+    SHAPES,
+    Annotation,
+    Question,
+    annotate,
+    load_questions,
+    question_type,
+)
 from mllm.demo.pipeline import RECIPES, shipped_recipes_dir
 
 pytestmark = pytest.mark.demo
@@ -70,7 +78,9 @@ def test_test_questions_are_whole_held_out_test_images(built):
     out, manifest = built
     test = json.loads((out / "test.json").read_text())
     train_images = {
-        s["image"] for f in ("stage1.json", "stage2.json") for s in json.loads((out / f).read_text())
+        s["image"]
+        for f in ("stage1.json", "stage2_yes_no.json", "stage2_open.json")
+        for s in json.loads((out / f).read_text())
     }
     assert all(s["image"].startswith("images/test/") for s in test)
     assert all(i.startswith("images/train/") for i in train_images)
@@ -82,10 +92,17 @@ def test_test_questions_are_whole_held_out_test_images(built):
     assert manifest["test"]["images"] == len(per_image)
 
 
-def test_stage2_yes_no_is_balanced_for_every_wording(built):
-    out, _ = built
+def test_stage2_sources_hold_one_kind_each_and_yes_no_is_balanced_for_every_wording(built):
+    out, manifest = built
+    yes_no = json.loads((out / "stage2_yes_no.json").read_text())
+    open_ = json.loads((out / "stage2_open.json").read_text())
+    assert {question_type(s["conversations"][1]["value"]) for s in yes_no} == {"yes/no"}
+    assert {question_type(s["conversations"][1]["value"]) for s in open_} == {"color", "shape"}
+    assert all("image" in s for s in yes_no + open_)
+    assert len(yes_no) + len(open_) == manifest["stage2"]["samples"]
+    assert json.loads((out / "stage2_text.json").read_text()) == []  # text_yes_no = 0 here
     counts = defaultdict(Counter)
-    for s in json.loads((out / "stage2.json").read_text()):
+    for s in yes_no:
         q = Question(0, s["conversations"][0]["value"].split("\n", 1)[1], s["conversations"][1]["value"])
         if q.type == "yes/no":
             counts[(q.negated, q.asks_about)][q.answer] += 1
@@ -103,9 +120,11 @@ def test_shipped_recipes_tokenise_the_built_data(built, backbones):
     stage1 = load_recipe(str(out / "demo_stage1.yaml"))
     stage2 = load_recipe(str(out / "demo_stage2.yaml"))
     assert stage1.template == "plain" and stage2.template == "chatml"
+    assert [src.weight for src in stage2.sources] == [0.35, 0.30, 0.35]
     for recipe in (stage1, stage2, load_recipe(str(out / "demo_test.yaml"))):
         ds = build_dataset(recipe, tokenizer, image_tokens=9, preprocess=None, seed=0, progress=False)
-        assert len(ds) == len(json.loads(open(recipe.sources[0].path).read())) and all(ds.has_image)
+        files = [json.loads(open(src.path).read()) for src in recipe.sources]
+        assert len(ds) == sum(map(len, files)) and all(ds.has_image)
 
 
 def test_eval_reads_question_types(built):
@@ -134,8 +153,13 @@ def test_text_drills_ask_each_yes_no_question_about_a_caption_with_balanced_answ
     cfg = dict(train_images=120, test_questions=20, balance_yes_no=False, seed=3)
     plain = build_demo_data(str(tmp_path / "plain"), DemoData(**cfg))
     manifest = build_demo_data(str(tmp_path / "drills"), DemoData(**cfg, text_yes_no=1.0))
-    samples = json.loads((tmp_path / "drills" / "stage2.json").read_text())
-    drills = [s for s in samples if "image" not in s]
+    samples = [
+        s
+        for part in ("yes_no", "open", "text")
+        for s in json.loads((tmp_path / "drills" / f"stage2_{part}.json").read_text())
+    ]
+    drills = json.loads((tmp_path / "drills" / "stage2_text.json").read_text())
+    assert all("image" not in s for s in drills)
     assert manifest["stage2"]["text_drills"] == len(drills) == plain["stage2"]["by_type"]["yes/no"]
     assert manifest["stage2"]["samples"] == plain["stage2"]["samples"] == len(samples) - len(drills)
     captions = {
@@ -166,7 +190,11 @@ def test_multi_turn_stage2_keeps_every_question_with_its_own_image(tmp_path, bac
     cfg = dict(train_images=60, test_questions=20, balance_yes_no=False, seed=2)
     one = build_demo_data(str(tmp_path / "one"), DemoData(**cfg))
     four = build_demo_data(str(tmp_path / "four"), DemoData(**cfg, questions_per_sample=4))
-    samples = json.loads((tmp_path / "four" / "stage2.json").read_text())
+    samples = [
+        s
+        for part in ("yes_no", "open")
+        for s in json.loads((tmp_path / "four" / f"stage2_{part}.json").read_text())
+    ]
     assert four["stage2"]["questions"] == one["stage2"]["questions"] == one["stage2"]["samples"]
     assert four["stage2"]["by_type"] == one["stage2"]["by_type"] and len(samples) < one["stage2"]["samples"]
     truth = {(q.image_id, q.question, q.answer) for q in load_questions("train")}

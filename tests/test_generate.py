@@ -135,3 +135,37 @@ def test_the_vocabulary_head_reads_only_the_last_position_contiguously(tmp_path,
     finally:
         hook.remove()
     assert seen and all(h.shape[:2] == (2, 1) and h.is_contiguous() for h in seen), [h.shape for h in seen]
+
+
+def test_merged_adapters_answer_like_the_unmerged_ones(tmp_path, backbones):
+    """eval and chat fold LoRA into the base by default: the same logits (fp32), no peft wrapper left; a 4-bit
+    base keeps its adapters (merging would round them to 4 bits)."""
+    from peft import PeftModel
+
+    from mllm.config import ConnectorConfig, LLMConfig, LoraSettings, ModelConfig, VisionConfig
+    from mllm.inference import Conversation, load_pretrained
+
+    cfg = ModelConfig(
+        vision=VisionConfig(path=backbones["clip"]),
+        connector=ConnectorConfig(kind="mlp"),
+        llm=LLMConfig(path=backbones["llama"], mode="lora", lora=LoraSettings(r=4, alpha=8)),
+        dtype="fp32",
+    )
+    ckpt = make_checkpoint(tmp_path / "c", cfg)
+    kept, processor = load_pretrained(ckpt)
+    merged, _ = load_pretrained(ckpt, merge_adapters=True)
+    assert isinstance(kept.llm, PeftModel) and not isinstance(merged.llm, PeftModel)
+    assert merged.config.llm.mode == "full"
+    batch = processor([Conversation.single("Describe the image.", [make_image(8)])])
+
+    def logits(model):
+        with torch.no_grad():
+            embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["image_counts"])
+            return model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+
+    with_adapters = logits(kept)
+    with kept.llm.disable_adapter():
+        assert (logits(kept) - with_adapters).abs().max() > 1e-2, "the test's adapters must change the answer"
+    torch.testing.assert_close(logits(merged), with_adapters, rtol=1e-4, atol=1e-4)
+    four_bit, _ = load_pretrained(ckpt, load_4bit=True, merge_adapters=True)
+    assert isinstance(four_bit.llm, PeftModel) and four_bit.config.llm.mode == "qlora"

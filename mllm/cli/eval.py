@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     p.add_argument("--load-4bit", action="store_true")
+    p.add_argument(
+        "--keep-adapters",
+        action="store_true",
+        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, ~1.75x faster on CPU)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -59,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
     metric = detect_metric(items) if args.metric == "auto" else args.metric
     try:
         model, processor = load_pretrained(
-            args.checkpoint, dtype=args.dtype, device=args.device, load_4bit=args.load_4bit
+            args.checkpoint,
+            dtype=args.dtype,
+            device=args.device,
+            load_4bit=args.load_4bit,
+            merge_adapters=not args.keep_adapters,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None

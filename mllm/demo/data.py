@@ -5,8 +5,11 @@ name these files relative to their own folder):
 
     images/train/<id>.png, images/test/<id>.png
     stage1.json   one caption per training image        ("A blue triangle.")
-    stage2.json   train-split questions, one image's questions per conversation (up to
-                  questions_per_sample turns; yes/no optionally balanced per wording)
+    stage2_yes_no.json  train-split yes/no questions about an image (up to questions_per_sample
+                  per conversation; optionally balanced per wording)
+    stage2_open.json    train-split colour and shape questions ("what color is the shape?")
+    stage2_text.json    text drills: yes/no questions about a caption in words (`text_yes_no`)
+                  — three sources, so that the stage-2 recipe weighs their shares of the mixture
     test.json     questions of held-out test images, each with its `question_type`
     test_captions.json  captions of those test images (checks what stage 1 learned)
     manifest.json what was built, from what, with which settings
@@ -22,7 +25,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 from mllm.config import IMAGE_PLACEHOLDER
-from mllm.demo.easy_vqa import Annotation, Question, annotate, image_paths, load_questions
+from mllm.demo.easy_vqa import Annotation, Question, annotate, image_paths, load_questions, question_type
 
 CAPTION_PROMPT = "Describe the image."
 
@@ -86,9 +89,11 @@ def build_demo_data(out: str, cfg: DemoData) -> dict:
         _qa_sample(f"train-q{group[0][0]}", [q for _, q in group], "train")
         for group in _conversations(_stage2_questions(train_q, cfg, rng), cfg.questions_per_sample, rng)
     ]
+    yes_no = [s for s in stage2 if _question_type(s) == "yes/no"]
+    open_ = [s for s in stage2 if _question_type(s) != "yes/no"]
     drills = _text_drills(train_q, notes, cfg.text_yes_no, rng)
-    stage2 += drills
-    rng.shuffle(stage2)
+    for part in (yes_no, open_, drills):
+        rng.shuffle(part)
     test = [_qa_sample(f"test-q{n}", [q], "test") | {"question_type": q.type} for n, q in test_q]
     test_captions = [_caption_sample(i, test_notes[i], "test") for i in test_ids if test_notes[i].complete]
     _copy_images("train", train_ids, out)
@@ -97,13 +102,15 @@ def build_demo_data(out: str, cfg: DemoData) -> dict:
         "source": "easy-vqa (PyPI)",
         "settings": asdict(cfg),
         "stage1": {"samples": len(stage1), "images_without_full_annotation": len(train_ids) - len(stage1)},
-        "stage2": _counts([s for s in stage2 if "image" in s]) | {"text_drills": len(drills)},
+        "stage2": _counts(stage2) | {"text_drills": len(drills)},
         "test": _counts(test) | {"images": len(test_ids)},
         "test_captions": {"samples": len(test_captions)},
     }
     files = {
         "stage1.json": stage1,
-        "stage2.json": stage2,
+        "stage2_yes_no.json": yes_no,
+        "stage2_open.json": open_,
+        "stage2_text.json": drills,
         "test.json": test,
         "test_captions.json": test_captions,
     }
@@ -152,13 +159,14 @@ def _stage2_questions(
 def _conversations(
     questions: list[tuple[int, Question]], per_sample: int, rng: random.Random
 ) -> list[list[tuple[int, Question]]]:
-    """Questions about the same image, shuffled, in groups of at most `per_sample` (one group per sample)."""
-    by_image: dict[int, list[tuple[int, Question]]] = defaultdict(list)
+    """Questions about the same image, shuffled, in groups of at most `per_sample` (one group per sample); a group
+    holds either yes/no or open (colour, shape) questions, never both, so that each lands in its own source."""
+    by_image: dict[tuple[int, bool], list[tuple[int, Question]]] = defaultdict(list)
     for item in questions:
-        by_image[item[1].image_id].append(item)
+        by_image[item[1].image_id, item[1].type == "yes/no"].append(item)
     groups = []
-    for image_id in sorted(by_image):
-        items = by_image[image_id]
+    for key in sorted(by_image):
+        items = by_image[key]
         rng.shuffle(items)
         groups += [items[i : i + per_sample] for i in range(0, len(items), per_sample)]
     return groups
@@ -195,6 +203,10 @@ def _text_drills(
     return drills
 
 
+def _question_type(sample: dict) -> str:
+    return question_type(sample["conversations"][1]["value"])
+
+
 def _image_path(split: str, image_id: int) -> str:
     return f"images/{split}/{image_id}.png"
 
@@ -229,8 +241,6 @@ def _copy_images(split: str, image_ids: list[int], out: str) -> None:
 
 
 def _counts(samples: list[dict]) -> dict:
-    from mllm.demo.easy_vqa import question_type
-
     by_type: dict[str, int] = defaultdict(int)
     answers: dict[str, int] = defaultdict(int)
     for s in samples:
