@@ -156,3 +156,31 @@ def test_bad_eval_data_gets_one_line(setup, tmp_path, capsys):
     assert main(["eval", ckpt, "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_question_answer" in err[0] and "'x'" in err[0]
+
+
+def test_eval_folds_lora_adapters_unless_asked_to_keep_them(setup, tmp_path, backbones, monkeypatch):
+    """`mllm eval` merges a LoRA checkpoint's adapters before answering (same predictions); --keep-adapters does not."""
+    import mllm.export.merge
+    from mllm.cli import main
+    from mllm.config import ConnectorConfig, LLMConfig, LoraSettings, ModelConfig, VisionConfig
+
+    _, data, root = setup
+    cfg = ModelConfig(
+        vision=VisionConfig(path=backbones["clip"]),
+        connector=ConnectorConfig(kind="mlp"),
+        llm=LLMConfig(path=backbones["llama"], mode="lora", lora=LoraSettings(r=4, alpha=8)),
+        dtype="fp32",
+    )
+    ckpt = make_checkpoint(tmp_path / "lora", cfg, seed=3)
+    merged = []
+    real_merge = mllm.export.merge.merge_lora
+    monkeypatch.setattr(mllm.export.merge, "merge_lora", lambda model: merged.append(1) or real_merge(model))
+    predictions = {}
+    for name, extra in (("merged", []), ("kept", ["--keep-adapters"])):
+        out = tmp_path / name
+        argv = ["eval", ckpt, "--data", str(data), "--output", str(out), "--max-new-tokens", "4", *extra]
+        assert main(argv) == 0
+        rows = (out / "predictions.jsonl").read_text().splitlines()
+        predictions[name] = [json.loads(r)["prediction"] for r in rows]
+        assert len(merged) == 1, f"{name}: merge_lora called {len(merged)} time(s)"
+    assert predictions["merged"] == predictions["kept"]

@@ -85,12 +85,11 @@ def build_demo_data(out: str, cfg: DemoData) -> dict:
 
     os.makedirs(out, exist_ok=True)
     stage1 = [_caption_sample(i, notes[i]) for i in train_ids if notes[i].complete]
-    stage2 = [
-        _qa_sample(f"train-q{group[0][0]}", [q for _, q in group], "train")
-        for group in _conversations(_stage2_questions(train_q, cfg, rng), cfg.questions_per_sample, rng)
-    ]
-    yes_no = [s for s in stage2 if _question_type(s) == "yes/no"]
-    open_ = [s for s in stage2 if _question_type(s) != "yes/no"]
+    yes_no, open_ = [], []
+    for group in _conversations(_stage2_questions(train_q, cfg, rng), cfg.questions_per_sample, rng):
+        sample = _qa_sample(f"train-q{group[0][0]}", [q for _, q in group], "train")
+        (yes_no if group[0][1].type == "yes/no" else open_).append(sample)
+    stage2 = yes_no + open_
     drills = _text_drills(train_q, notes, cfg.text_yes_no, rng)
     for part in (yes_no, open_, drills):
         rng.shuffle(part)
@@ -201,10 +200,6 @@ def _text_drills(
             }
         )
     return drills
-
-
-def _question_type(sample: dict) -> str:
-    return question_type(sample["conversations"][1]["value"])
 
 
 def _image_path(split: str, image_id: int) -> str:
