@@ -55,6 +55,18 @@ def test_runtime_resolution_is_explicit_and_overridable():
     assert "dtype=bfloat16" in resolve_runtime("bf16", "auto", "cpu").describe()
 
 
+def test_training_attention_is_eager_only_for_short_rows_on_a_cpu():
+    from mllm.model.runtime import EAGER_MAX_TOKENS, Runtime, training_attention
+
+    cpu = resolve_runtime("bf16", "auto", "cpu")
+    assert training_attention("auto", cpu, 40) == training_attention("auto", cpu, EAGER_MAX_TOKENS) == "eager"
+    assert training_attention("auto", cpu, EAGER_MAX_TOKENS + 1) == "sdpa"  # long rows: eager's scores lose
+    pinned = resolve_runtime("bf16", "sdpa", "cpu")
+    assert training_attention("sdpa", pinned, 40) == "sdpa"  # asked for by name: kept
+    gpu = Runtime(torch.bfloat16, "flash_attention_2", torch.device("cuda"))
+    assert training_attention("auto", gpu, 40) == "flash_attention_2"
+
+
 def test_model_config_round_trips_and_rejects_unknown_keys():
     cfg = ModelConfig.from_dict({"vision": {"path": "v", "pool": 2}, "llm": {"path": "l", "mode": "lora"}})
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg

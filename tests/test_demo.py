@@ -116,6 +116,11 @@ def test_stage_commands_parse_as_the_training_config_they_mean(tmp_path, schedul
         and one.vision_kind == "efficientnet-lite0"
     )
     assert one.vision_pool == (3 if connector == "mlp" else 1) and one.max_steps == settings.stage1.steps
+    assert (one.connector_width, one.connector_layers) == (
+        settings.connector_width,
+        settings.connector_layers,
+    )
+    assert two.lora_target_modules == settings.lora_target_modules
     assert two.stage == 2 and two.llm_mode == "lora" and two.init_from == str(tmp_path / "stage1")
     assert (two.lora_r, two.lora_alpha, two.lr) == (settings.lora_r, settings.lora_alpha, settings.stage2.lr)
     assert (

@@ -164,6 +164,37 @@ def test_token_budget_sets_the_micro_batches(backbones, colours, tmp_path):
     assert fit(session)["steps_this_run"] == 2
 
 
+def test_stage2_rebuilds_a_stage1_connector_of_any_shape(backbones, colours, tmp_path):
+    shape = dict(
+        connector="resampler", num_queries=3, connector_width=16, connector_layers=1, connector_heads=2
+    )
+    s1 = config(backbones, colours, tmp_path / "s1", max_steps=1, **shape)
+    train(s1)
+    s2 = config(
+        backbones, colours, tmp_path / "s2", stage=2, init_from=str(tmp_path / "s1"), vision="", llm=""
+    )
+    session = setup(dataclasses.replace(s2, llm_mode="lora", lora_r=2, lora_alpha=4, max_steps=1))
+    connector = session.model.config.connector  # taken from the stage-1 run, not the defaults
+    assert (connector.kind, connector.num_queries, connector.hidden_size) == ("resampler", 3, 16)
+    assert (connector.num_layers, connector.num_heads) == (1, 2)
+    assert fit(session)["step"] == 1
+
+
+def test_attention_auto_trains_short_rows_with_eager_and_the_same_weights_as_sdpa(
+    backbones, colours, tmp_path
+):
+    weights, kernels = {}, {}
+    for attention in ("auto", "sdpa"):
+        session = setup(config(backbones, colours, tmp_path / attention, max_steps=3, attention=attention))
+        kernels[attention] = session.model.llm.config._attn_implementation
+        fit(session)
+        weights[attention] = {n: p.detach().clone() for n, p in session.model.connector.named_parameters()}
+    assert kernels == {"auto": "eager", "sdpa": "sdpa"}  # the colour samples are a few dozen tokens long
+    for name, w in weights["auto"].items():
+        torch.testing.assert_close(w, weights["sdpa"][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert load_checkpoint(tmp_path / "auto")[1]["model"]["attn_implementation"] == "auto"  # chosen per run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["", "z3.json"])
 def test_stop_at_step_k_and_resume_matches_an_uninterrupted_run(backbones, colours, tmp_path, zero):

@@ -245,9 +245,11 @@ def train_command(stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Pa
             str(s.pool()),
         ]
         cmd += ["--connector", s.connector, "--num-queries", str(s.num_queries)]
+        cmd += ["--connector-width", str(s.connector_width), "--connector-layers", str(s.connector_layers)]
     else:
         cmd += ["--init-from", str(out / "stage1"), "--llm-mode", "lora", "--lora-r", str(s.lora_r)]
         cmd += ["--lora-alpha", str(s.lora_alpha), "--lora-dropout", str(s.lora_dropout)]
+        cmd += ["--lora-target-modules", *s.lora_target_modules]
         cmd += ["--connector-lr", str(st.connector_lr or st.lr)]
     cmd += [
         "--llm",

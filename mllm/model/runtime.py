@@ -56,3 +56,19 @@ def resolve_runtime(
     else:
         attn = attn_implementation
     return Runtime(dtype=resolved, attn_implementation=attn, device=dev)
+
+
+EAGER_MAX_TOKENS = 256
+"""On a CPU, rows up to this long train faster with eager attention than with SDPA (see `training_attention`)."""
+
+
+def training_attention(requested: str, runtime: Runtime, longest_row: int) -> str:
+    """The attention kernel a training run uses, once its data (hence its longest row) is known.
+
+    `auto` on a CPU picks eager for short rows: PyTorch's CPU flash-attention backward is slow on small
+    blocks (bf16, 16 rows × 9 heads, forward + backward: 40 tokens 39.6 vs 10.6 ms, 128 tokens 102 vs 37 ms;
+    even at 256, 121 vs 123 ms; at 512 eager's quadratic scores lose, 309 vs 734 ms). Anything else is kept.
+    """
+    if requested == "auto" and runtime.device.type == "cpu" and longest_row <= EAGER_MAX_TOKENS:
+        return "eager"
+    return runtime.attn_implementation

@@ -8,6 +8,7 @@ as much per token as a short one, whatever batch it fell into.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from mllm.checkpoint import read_config
 from mllm.config import ModelConfig
 from mllm.model import build_model, load_tokenizer, resolve_runtime
+from mllm.model.runtime import training_attention
 from mllm.train import checkpointing, preflight
 from mllm.train import distributed as dist
 from mllm.train.batches import BatchStream, TrainData, build_train_data, supervised_tokens
@@ -86,6 +88,7 @@ def setup(cfg: TrainConfig) -> Session:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = load_tokenizer(mcfg)
     data = build_train_data(cfg, tokenizer, model, world.rank, world.size, progress=world.is_main)
+    runtime = use_training_attention(model, cfg, runtime, data)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.sampler) / grad_accum))
     start_step = checkpointing.saved_step(resume_from) if resume_from is not None else 0
     preflight.check_disk_space(
@@ -123,6 +126,17 @@ def setup(cfg: TrainConfig) -> Session:
             cfg.stage, total_steps, grad_accum, cfg.micro_batch_size, world.size, dist.zero_stage(ds), runtime.describe(),
         )  # fmt: skip
     return Session(cfg, world, model, engine, data, stream, state, total_steps, grad_accum)
+
+
+def use_training_attention(model, cfg: TrainConfig, runtime, data: TrainData):
+    """Switch the LLM to the attention kernel `training_attention` picks for this data; returns the runtime."""
+    multiple = cfg.pad_to_multiple_of
+    longest = -(-max(data.dataset.lengths, default=0) // multiple) * multiple
+    attention = training_attention(cfg.attention, runtime, longest)
+    if attention == runtime.attn_implementation:
+        return runtime
+    model.llm.set_attn_implementation(attention)  # a PeftModel hands the call on to the model it wraps
+    return dataclasses.replace(runtime, attn_implementation=attention)
 
 
 def fit(s: Session) -> dict[str, Any]:
@@ -250,6 +264,9 @@ def fill_from_init(cfg: TrainConfig) -> TrainConfig:
         connector=saved.connector.kind,
         projector=saved.connector.projector,
         num_queries=saved.connector.num_queries,
+        connector_layers=saved.connector.num_layers,
+        connector_width=saved.connector.hidden_size,
+        connector_heads=saved.connector.num_heads,
         llm=cfg.llm or saved.llm.path,
     )
     return TrainConfig(**values)
