@@ -68,6 +68,8 @@ def test_preset_then_yaml_then_command_line(tmp_path):
         ("", {"llm_mode": "lora"}, "stage 1 trains only the connector"),
         ("", {"dtype": "fp16"}, "fp16 needs loss scaling"),
         ("", {"warmup_ratio": 1.5}, "warmup_ratio must be in"),
+        ("", {"attention": "flash"}, "attention must be auto\\|eager"),
+        ("", {"connector_width": 100, "connector_heads": 8}, "divisible by connector_heads \\(8\\)"),
         ("- a\n- b\n", {}, "must be a mapping"),
     ],
 )

@@ -148,6 +148,14 @@ class TrainConfig:
                 self.attention in ("auto", "eager", "sdpa", "flash_attention_2"),
                 f"attention must be auto|eager|sdpa|flash_attention_2, got {self.attention!r}",
             ),
+            (
+                self.connector_width >= 0
+                and self.connector_layers >= 1
+                and self.connector_heads >= 1
+                and (self.connector_width or self.connector_heads) % self.connector_heads == 0,
+                f"connector_width ({self.connector_width}, 0 = the vision width) must be >= 0 and divisible by "
+                f"connector_heads ({self.connector_heads}); connector_layers must be >= 1",
+            ),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.pad_to_multiple_of >= 1, "pad_to_multiple_of must be >= 1 (1 = no rounding)"),
             (self.max_tokens >= 0, "max_tokens must be >= 0 (0 = no token budget)"),
