@@ -35,3 +35,16 @@ def make_checkpoint(
 def make_image(seed: int, size: int = 40) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def never_stop(model) -> None:
+    """Answers run to --max-new-tokens: the (tied) end-of-turn row becomes half of another token's row.
+
+    Its logit is then half that token's, below the largest logit whenever that is positive, so greedy
+    decoding never picks it and every answer is long enough to watch it stream.
+    """
+    from mllm.model import load_tokenizer
+
+    eos = load_tokenizer(model.config).eos_token_id
+    table = model.llm.get_output_embeddings().weight
+    table[eos] = 0.5 * table[(eos + 1) % table.shape[0]]

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from helpers import make_checkpoint, make_image
+from helpers import make_checkpoint, make_image, never_stop
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +21,7 @@ def ckpt(tmp_path_factory, backbones):
         llm=LLMConfig(path=backbones["llama"], mode="full"),
         dtype="fp32",
     )
-    return make_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt", cfg, seed=1, edit=_never_stop)
-
-
-def _never_stop(model) -> None:
-    """Answers run to --max-new-tokens: the (tied) end-of-turn row becomes half of another token's row.
-
-    Its logit is then half that token's, below the largest logit whenever that is positive, so greedy
-    decoding never picks it and every answer is long enough to watch it stream.
-    """
-    from mllm.model import load_tokenizer
-
-    eos = load_tokenizer(model.config).eos_token_id
-    table = model.llm.get_output_embeddings().weight
-    table[eos] = 0.5 * table[(eos + 1) % table.shape[0]]
+    return make_checkpoint(tmp_path_factory.mktemp("chat") / "ckpt", cfg, seed=1, edit=never_stop)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("mllm.cli.train", "train stage 1 (alignment) or stage 2 (instruction tuning)"),
     "chat": ("mllm.cli.chat", "chat with a trained checkpoint (interactive or one-shot)"),
+    "serve": ("mllm.cli.serve", "serve a checkpoint: OpenAI-compatible API and a web chat page"),
     "eval": ("mllm.cli.eval", "evaluate a checkpoint on question-answer or caption data"),
     "export": ("mllm.cli.export", "merge LoRA, or export to the transformers LLaVA format"),
     "demo": ("mllm.cli.demo", "the offline two-stage demo on real pretrained backbones"),

@@ -24,10 +24,43 @@ HELP = """commands:
 PROMPT = ">>> "
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and how to load it: shared by `mllm chat` and `mllm serve`."""
     p.add_argument(
         "checkpoint", help="checkpoint directory (or a training output directory: its newest checkpoint)"
     )
+    p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit (bitsandbytes NF4)")
+    p.add_argument(
+        "--keep-adapters",
+        action="store_true",
+        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, ~1.75x faster on CPU)",
+    )
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="override the checkpoint's compute dtype"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def load_model(args: argparse.Namespace):
+    """`(model, processor)` for the options of `add_model_arguments`; a bad checkpoint is a one-line UserError."""
+    from mllm.checkpoint import CheckpointError
+    from mllm.inference import load_pretrained
+
+    try:
+        return load_pretrained(
+            args.checkpoint,
+            dtype=args.dtype,
+            device=args.device,
+            load_4bit=args.load_4bit,
+            merge_adapters=not args.keep_adapters,
+        )
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     p.add_argument(
         "--image",
         action="append",
@@ -43,38 +76,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (temperature > 0)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit (bitsandbytes NF4)")
-    p.add_argument(
-        "--keep-adapters",
-        action="store_true",
-        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, ~1.75x faster on CPU)",
-    )
-    p.add_argument(
-        "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="override the checkpoint's compute dtype"
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm.checkpoint import CheckpointError
-    from mllm.inference import ChatSession, SamplingConfig, load_image, load_pretrained
+    from mllm.inference import ChatSession, SamplingConfig, load_image
 
     if args.json and args.prompt is None:
         raise UserError("--json needs --prompt (one-shot mode)")
     for path in args.image:
         load_image(path)  # a bad image is reported before the model takes seconds to load
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p)
-    try:
-        model, processor = load_pretrained(
-            args.checkpoint,
-            dtype=args.dtype,
-            device=args.device,
-            load_4bit=args.load_4bit,
-            merge_adapters=not args.keep_adapters,
-        )
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
+    model, processor = load_model(args)
     session = ChatSession(model, processor, sampling, system=args.system)
     for path in args.image:
         session.attach(path)

@@ -73,10 +73,12 @@ def generate_batch(
     sampling: SamplingConfig | None = None,
     streamer=None,
 ) -> list[str]:
-    """Answer each conversation (one batch, left-padded); returns the decoded new text per conversation."""
+    """Answer each conversation (one batch, left-padded); returns the decoded new text per conversation.
+
+    `streamer` gets transformers' streamer calls: `put` with the prompt ids first, then each step's new ids ([B]),
+    and `end()`. A `TextStreamer` handles a batch of one only (it says so); `mllm.serve` streams whole batches.
+    """
     sampling = sampling or SamplingConfig()
-    if streamer is not None and len(conversations) != 1:
-        raise ValueError("streaming needs a batch of one conversation")
     batch = processor(conversations)
     device = next(model.llm.parameters()).device
     pixel_values = batch["pixel_values"]
@@ -126,6 +128,12 @@ def generate(
         else Conversation(messages, list(images or []))
     )
     return generate_batch(model, processor, [conv], sampling, streamer)[0]
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string (excluded), and whether one was found."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
