@@ -84,7 +84,12 @@ class MllmModel(lmms):
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """Per request: the summed log-probability of the continuation as the answer, and whether greedy picks it."""
+        """Per request: the continuation's loss as the answer (summed negative log-probability), and whether greedy
+        decoding would produce it.
+
+        A loss, not a log-probability: lmms-eval's multiple-choice scorer picks the choice with the *smallest*
+        value (`np.argmin`, "we return the actual loss"), as its own llava_hf model returns.
+        """
         results = []
         for r in requests:
             context, target, _, doc_id, task, split = r.args
@@ -111,8 +116,8 @@ class MllmModel(lmms):
         ).logits  # [1, T, V]
         logprobs = logits[0, -len(cont) - 1 : -1].float().log_softmax(-1)  # position t predicts token t + 1
         target = torch.tensor(cont, device=device)
-        total = logprobs.gather(-1, target[:, None]).sum().item()
-        return total, bool((logprobs.argmax(-1) == target).all())
+        loss = -logprobs.gather(-1, target[:, None]).sum().item()
+        return loss, bool((logprobs.argmax(-1) == target).all())
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(
