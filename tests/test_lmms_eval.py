@@ -214,7 +214,12 @@ def test_loglikelihood_matches_the_hf_llava_export(task_dir, ckpt_and_export):
 
     for doc_id, doc in enumerate(docs[:2]):
         requests = [
-            Instance("loglikelihood", (doc["question"], f" {c}", visual, doc_id, "choice", "test"), idx=k)
+            Instance(
+                "loglikelihood",
+                (doc["question"], f" {c}", visual, doc_id, "choice", "test"),
+                idx=k,
+                metadata={"task": "choice", "doc_id": doc_id, "repeats": 1},
+            )
             for k, c in enumerate(CHOICES)
         ]
         got = model.loglikelihood(requests)
