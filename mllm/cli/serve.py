@@ -26,13 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             if f.name == "limits":
                 continue
             kind = next(a for a in (*typing.get_args(hints[f.name]), hints[f.name]) if a is not type(None))
-            help_text = f.metadata.get("help", "")
+            help_text = f.metadata["help"]
             default = f.default
             p.add_argument(
                 "--" + f.name.replace("_", "-"),
                 type=kind,
                 default=default,
-                help=f"{help_text} (default: {default})" if help_text else f"default: {default}",
+                help=f"{help_text} (default: {default})",
             )
 
 

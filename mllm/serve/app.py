@@ -22,33 +22,38 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 
 from mllm.serve.batcher import Batcher, Closed, Job, QueueFull
-from mllm.serve.protocol import ChatRequest, Limits, RequestError, parse_request, sampling_of, to_conversation
+from mllm.serve.protocol import (
+    ChatRequest,
+    Limits,
+    RequestError,
+    option,
+    parse_request,
+    sampling_of,
+    to_conversation,
+)
 
 log = logging.getLogger(__name__)
-
-
-def _opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class ServeConfig:
     """How `mllm serve` runs; each field is a command-line option of the same name."""
 
-    host: str = _opt(
-        "127.0.0.1", "address to bind (default: this machine only; 0.0.0.0 opens it to the network)"
+    host: str = option(
+        "127.0.0.1",
+        "address to bind: this machine only unless you say otherwise (0.0.0.0 opens it to the network)",
     )
-    port: int = _opt(8000, "TCP port")
-    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on /v1/* requests")
-    image_dir: str | None = _opt(
+    port: int = option(8000, "TCP port")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/* requests")
+    image_dir: str | None = option(
         None, "directory image_url paths may name (relative, inside it); without it only data: URLs are taken"
     )
-    model_name: str | None = _opt(
-        None, "model id clients send and /v1/models lists (default: the checkpoint's name)"
+    model_name: str | None = option(
+        None, "model id clients send and /v1/models lists; None: the checkpoint's directory name"
     )
-    max_batch: int = _opt(8, "most requests answered together in one batch")
-    max_queue: int = _opt(64, "most requests waiting; more are refused with 429")
-    batch_wait_ms: float = _opt(
+    max_batch: int = option(8, "most requests answered together in one batch")
+    max_queue: int = option(64, "most requests waiting; more are refused with 429")
+    batch_wait_ms: float = option(
         10.0, "when idle, how long the first request waits for companions to batch with"
     )
     limits: Limits = field(default_factory=Limits)

@@ -10,7 +10,7 @@ import base64
 import binascii
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from PIL import Image
@@ -30,20 +30,24 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
+def option(default, help: str):
+    """A config field whose help text becomes its `mllm serve` option's help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Limits:
     """What one request may carry."""
 
-    max_request_bytes: int = 20 * 2**20
-    """Whole request body (JSON, base64 images included); larger → 413."""
-    max_image_bytes: int = 10 * 2**20
-    """One decoded image file; larger → 413."""
-    max_image_pixels: int = 4096 * 4096
-    """One image's width × height, checked before its pixels are decoded; larger → 400."""
-    max_images: int = 8
-    """Images in one request (all messages together); more → 400."""
-    max_tokens: int = 1024
-    """Largest `max_tokens` a request may ask for; more → 400."""
+    max_request_bytes: int = option(
+        20 * 2**20, "largest request body (JSON, base64 images included); larger: 413"
+    )
+    max_image_bytes: int = option(10 * 2**20, "largest image file (decoded); larger: 413")
+    max_image_pixels: int = option(
+        4096 * 4096, "most pixels (width x height) per image, checked before decoding: 400"
+    )
+    max_images: int = option(8, "most images in one request, all messages together; more: 400")
+    max_tokens: int = option(1024, "largest max_tokens a request may ask for; more: 400")
 
 
 class ImageURL(BaseModel):
