@@ -154,12 +154,8 @@ def _lmms_eval(model: str, model_args: str, tasks: str, task_dir, out) -> dict:
     return found
 
 
-def _hf_choice_logprobs(export: str, image, question: str) -> list[float]:
+def _hf_choice_logprobs(hf, processor, image, question: str) -> list[float]:
     """Sum of log-probabilities of each choice as the answer, from the exported transformers model alone."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    hf = LlavaForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(export)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     out = []
@@ -198,13 +194,16 @@ def test_lmms_eval_runs_mllm_and_matches_the_hf_llava_export(task_dir, ckpt_and_
 
 
 def test_loglikelihood_matches_the_hf_llava_export(task_dir, ckpt_and_export):
-    """Each choice's loss, as lmms-eval asks for it, equals the exported transformers model's; the argmin is right."""
+    """Each choice's loss, as lmms-eval asks for it, equals the exported transformers model's."""
     from lmms_eval.api.instance import Instance
     from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mllm.harness.lmms_eval import MllmModel
 
     ckpt, export = ckpt_and_export
+    hf = LlavaForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
+    hf_processor = AutoProcessor.from_pretrained(export)
     docs = [json.loads(line) for line in open(task_dir / "choice.jsonl")]
     model = MllmModel(pretrained=ckpt, device="cpu")
     model.task_dict = {"choice": {"test": docs}}
@@ -223,6 +222,6 @@ def test_loglikelihood_matches_the_hf_llava_export(task_dir, ckpt_and_export):
             for k, c in enumerate(CHOICES)
         ]
         got = model.loglikelihood(requests)
-        expected = [-lp for lp in _hf_choice_logprobs(export, visual(doc)[0], doc["question"])]
+        expected = [-lp for lp in _hf_choice_logprobs(hf, hf_processor, visual(doc)[0], doc["question"])]
         assert [loss for loss, _ in got] == pytest.approx(expected, abs=1e-3)
         assert all(loss > 0 for loss, _ in got) and isinstance(got[0][1], bool)
