@@ -28,6 +28,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "eval": {"train", "deepspeed"} | SCAFFOLDING,
     "export": {"train", "inference", "deepspeed"} | SCAFFOLDING,
     "backbones": {"train", "deepspeed"} | SCAFFOLDING,
+    "serve": {"train", "deepspeed"} | SCAFFOLDING,
+    "harness": {"train", "deepspeed"} | SCAFFOLDING,
     "cli": set(),
     "bench": set(),
     "demo": set(),
