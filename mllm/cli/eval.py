@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from mllm.cli import UserError
+from mllm.cli.options import add_trust_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, ~1.75x faster on CPU)",
     )
     p.add_argument("--no-progress", action="store_true")
+    add_trust_remote_code(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             load_4bit=args.load_4bit,
             merge_adapters=not args.keep_adapters,
+            trust_remote_code=args.trust_remote_code,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None
