@@ -293,3 +293,26 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(backbones,
     a, b = losses(tmp_path / "reference"), losses(out)
     assert sorted(b) == list(range(1, 13))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_image_folder_for_a_bare_llava_json(backbones, colours, tmp_path):
+    """LLaVA's layout: `--data ann/colours.json --image-folder img/`, image paths relative to that folder."""
+    import argparse
+
+    from mllm.train.batches import train_recipe
+    from mllm.train.config import add_config_arguments
+
+    records = json.loads(Path(colours).read_text())
+    for r in records:
+        r["image"] = r["image"].removeprefix("img/")
+    (tmp_path / "ann").mkdir()
+    data = tmp_path / "ann" / "colours.json"
+    data.write_text(json.dumps(records))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    folder = parser.parse_args(["--image-folder", str(Path(colours).parent / "img")]).image_root
+    summary = train(config(backbones, str(data), tmp_path / "out", max_steps=1, image_root=folder))
+    assert summary["samples"] == 4 and summary["skipped_samples"] == 0
+    # without it the images resolve beside the JSON file (where they are not)
+    assert train_recipe(config(backbones, str(data), tmp_path / "out2")).image_root == str(tmp_path / "ann")

@@ -237,7 +237,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute, so that checkpoints and run_config.yaml work from any directory (hub ids stay)."""
     values = cfg.to_dict()
-    for key in ("vision", "llm", "data", "output", "zero", "init_from"):
+    for key in ("vision", "llm", "data", "image_root", "output", "zero", "init_from"):
         if values[key] and (key == "output" or Path(values[key]).exists()):
             values[key] = str(Path(values[key]).expanduser().resolve())
     if values["resume"] not in ("auto", "latest", "no"):
