@@ -129,9 +129,8 @@ def setup(cfg: TrainConfig) -> Session:
     transformers.set_seed(cfg.seed + world.rank)  # dropout differs per rank, repeats per seed
     if resume_from is not None:
         state.update(checkpointing.restore(engine, world, resume_from, stream))
-        schedule_from(
-            engine.lr_scheduler, state["step"]
-        )  # this run's length: --max-steps/--epochs may have changed
+        # on this run's schedule: --max-steps / --epochs (the run's length) may have changed
+        schedule_from(engine.lr_scheduler, state["step"])
         log.info("resumed from %s at step %d (epoch %.3f)", resume_from, state["step"], stream.epoch_progress)
     if world.is_main:
         save_yaml(cfg, out / RUN_CONFIG_FILE)
