@@ -14,6 +14,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
@@ -24,14 +25,31 @@ class Registry(Generic[T]):
 
         return add
 
-    def get(self, name: str) -> T:
+    def alias(self, alias: str, name: str) -> None:
+        """Let `alias` (another name users write for the same thing) stand for the registered `name`."""
+        if alias in self._items or alias in self._aliases:
+            raise ValueError(f"{self.kind} {alias!r} is registered twice")
+        self.get(name)
+        self._aliases[alias] = name
+
+    def canonical(self, name: str) -> str:
+        """The registered name `name` is or stands for (KeyError naming the known ones otherwise)."""
+        name = self._aliases.get(name, name)
         if name not in self._items:
-            known = ", ".join(sorted(self._items)) or "(none)"
+            known = ", ".join(sorted([*self._items, *self._aliases])) or "(none)"
             raise KeyError(f"unknown {self.kind} {name!r}; known: {known}")
-        return self._items[name]
+        return name
+
+    def get(self, name: str) -> T:
+        return self._items[self.canonical(name)]
 
     def names(self) -> list[str]:
+        """The registered names (aliases not included)."""
         return sorted(self._items)
 
+    def aliases(self) -> dict[str, str]:
+        """alias → registered name."""
+        return dict(self._aliases)
+
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        return name in self._items or name in self._aliases

@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_checkpoint
+from helpers import make_checkpoint, make_image
 
 import mllm
 from mllm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, verify
+from mllm.config import IMAGE_TOKEN_ID
 
 
 def _logits(model, ids=(5, 6, 7)):
@@ -19,11 +20,25 @@ def _logits(model, ids=(5, 6, 7)):
 
 
 def test_round_trip_and_top_level_api(tmp_path, tiny_config):
-    ckpt = make_checkpoint(tmp_path / "checkpoint-3", tiny_config("clip", "qwen2", "qformer", mode="lora"))
+    saved = []  # the model as it was saved (make_checkpoint hands it to `edit` just before saving)
+    cfg = tiny_config("clip", "qwen2", "qformer", mode="lora")
+    ckpt = make_checkpoint(tmp_path / "checkpoint-3", cfg, edit=saved.append)
+    original = saved[0].eval()
     model, config = load_checkpoint(tmp_path)  # an output directory → its newest complete checkpoint
     assert config["_path"].endswith("checkpoint-3") and model.config.connector.kind == "qformer"
+    trained = {n: p for n, p in original.named_parameters() if p.requires_grad}  # connector + LoRA
+    loaded = dict(model.named_parameters())
+    assert trained and all(torch.equal(p, loaded[n]) for n, p in trained.items())
+    pixels = original.vision.preprocess([make_image(0)])
+    with torch.no_grad():
+        assert torch.equal(_logits(model), _logits(original))
+        image_ids = torch.tensor([[5, *[IMAGE_TOKEN_ID] * original.num_image_tokens, 6, 7]])
+        counts = torch.tensor([1])
+        expected = original(image_ids, pixel_values=pixels, image_counts=counts, return_logits=True).logits
+        got = model(image_ids, pixel_values=pixels, image_counts=counts, return_logits=True).logits
+        assert torch.equal(got, expected)  # the connector's output reaches the LLM unchanged
     again, processor = mllm.load_checkpoint(ckpt)
-    assert torch.equal(_logits(model), _logits(again))
+    assert torch.equal(_logits(again), _logits(original))
     assert processor.image_tokens == model.num_image_tokens
 
 

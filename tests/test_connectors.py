@@ -35,7 +35,40 @@ def test_query_connectors_emit_k_tokens(kind):
     conn = build_connector(cfg, vision_dim=48, vision_tokens=16, llm_dim=64)
     assert conn.num_tokens == 8
     assert conn(torch.randn(3, 16, 48)).shape == (3, 8, 64)
-    assert _count(ConnectorConfig(kind=kind)) > 0
+
+
+def qformer_count(k: int, layers: int, w: int, dv: int, dl: int) -> int:
+    """BLIP-2 Q-Former, by its parts: per layer a self-attention block (q, k, v, output: 4 linear W→W, one
+    LayerNorm), a cross-attention block (q W→W, k and v Dv→W, output W→W, one LayerNorm) and the query
+    feed-forward (W→4W→W, one LayerNorm); an input LayerNorm; K query embeddings; the W→Dl projection."""
+    linear = lambda i, o: i * o + o  # noqa: E731
+    norm = 2 * w
+    self_attention = 4 * linear(w, w) + norm
+    cross_attention = 2 * linear(w, w) + 2 * linear(dv, w) + norm
+    feed_forward = linear(w, 4 * w) + linear(4 * w, w) + norm
+    return k * w + norm + layers * (self_attention + cross_attention + feed_forward) + linear(w, dl)
+
+
+def resampler_count(k: int, layers: int, w: int, dv: int, dl: int) -> int:
+    """Perceiver resampler, by its parts: the Dv→W input projection; K latents; per layer two LayerNorms (media,
+    latents), attention (in-projection W→3W, output W→W) and a feed-forward (LayerNorm, W→4W→W); a final
+    LayerNorm and the W→Dl projection."""
+    linear = lambda i, o: i * o + o  # noqa: E731
+    norm = 2 * w
+    layer = 2 * norm + linear(w, 3 * w) + linear(w, w) + norm + linear(w, 4 * w) + linear(4 * w, w)
+    return linear(dv, w) + k * w + layers * layer + norm + linear(w, dl)
+
+
+@pytest.mark.parametrize(
+    "kind,formula,readme",
+    [("qformer", qformer_count, 37_826_560), ("resampler", resampler_count, 30_479_360)],
+)
+def test_query_connector_parameter_counts_are_exact(kind, formula, readme):
+    # the README's table: 32 queries, 2 layers, width = the vision width (1024)
+    assert _count(ConnectorConfig(kind=kind)) == formula(32, 2, 1024, 1024, 4096) == readme
+    # a narrower connector (width 256 ≠ vision width 1024), other depth and query count
+    narrow = ConnectorConfig(kind=kind, num_queries=16, num_layers=3, hidden_size=256, num_heads=8)
+    assert _count(narrow) == formula(16, 3, 256, 1024, 4096)
 
 
 def test_mlp_keeps_one_token_per_patch():

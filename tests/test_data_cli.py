@@ -94,3 +94,40 @@ def test_lengths_are_cached_and_parallel_scans_agree(tmp_path, monkeypatch):
         raise RuntimeError("expected a rescan")
     except AssertionError as e:
         assert "cached lengths" in str(e)
+
+
+def llava_layout(tmp_path, image: str = "a.png"):
+    """LLaVA's own layout: annotations in one folder, images in another named by --image-folder."""
+    from PIL import Image
+
+    (tmp_path / "ann").mkdir(parents=True)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "images" / "a.png")
+    (tmp_path / "secret.png").write_bytes((tmp_path / "images" / "a.png").read_bytes())
+    record = {"id": "s0", "image": image, "conversations": [{"from": "human", "value": "<image>\nColour?"}]}
+    record["conversations"].append({"from": "gpt", "value": "Red."})
+    (tmp_path / "ann" / "data.json").write_text(json.dumps([record]))
+    return str(tmp_path / "ann" / "data.json")
+
+
+def test_check_a_bare_llava_json_with_its_image_folder(tmp_path, capsys, monkeypatch):
+    data = llava_layout(tmp_path)
+    make_tokenizer("llama").save_pretrained(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)  # a relative --image-root is relative to where the user is
+    args = ["data", "check", data, "--tokenizer", "tok", "--image-tokens", "4", "--no-progress"]
+    args += ["--bad-samples", str(tmp_path / "bad.jsonl")]
+    assert main([*args, "--image-folder", "images"]) == 0
+    assert main([*args, "--image-root", "images"]) == 0
+    assert main(args) == 1  # without it, images resolve beside the JSON file: missing
+    assert json.loads((tmp_path / "bad.jsonl").read_text())["kind"] == "missing_image"
+    (tmp_path / "ann" / "data.json").unlink()
+    llava_layout(tmp_path / "escape", image="../secret.png")
+    escape = [
+        "--bad-samples",
+        str(tmp_path / "bad.jsonl"),
+        "--image-folder",
+        str(tmp_path / "escape" / "images"),
+    ]
+    assert main([*args[:2], str(tmp_path / "escape" / "ann" / "data.json"), *args[3:8], *escape]) == 1
+    assert json.loads((tmp_path / "bad.jsonl").read_text())["kind"] == "unsafe_image_path"
+    capsys.readouterr()

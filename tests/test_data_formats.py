@@ -213,3 +213,30 @@ def test_webdataset_shards_stream_across_workers_and_ranks(tmp_path):
     assert supervised_text(tokenizer(), by_id["s0_002"]) == "caption 0 2<|eot_id|>"
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=Collator(tokenizer().pad_token_id))
     assert sum(len(b["sample_ids"]) for b in loader) == 6
+
+
+@pytest.mark.parametrize(
+    "alias,name,sample", [("sharegpt", "llava", "sharegpt_sample.json"), ("openai", "messages", None)]
+)
+def test_format_names_users_write(tmp_path, alias, name, sample):
+    """`format: sharegpt` reads the conversations (from/value) layout, `format: openai` the messages layout."""
+    from mllm.data.sources import SOURCES, source_format
+
+    if sample is None:
+        (tmp_path / "m.jsonl").write_text(open(os.path.join(HERE, "openai_messages_sample.jsonl")).read())
+        for shape, colour in (("circle", "red"), ("square", "blue")):
+            os.makedirs(tmp_path / "shapes", exist_ok=True)
+            (tmp_path / "shapes" / f"{shape}.png").write_bytes(png(colour))
+        data = tmp_path / "m.jsonl"
+    else:
+        data = os.path.join(HERE, sample)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"sources:\n  - path: {data}\n    format: {alias}\n")
+    spec = load_recipe(str(recipe)).sources[0]
+    assert source_format(spec) == name and SOURCES.get(alias) is SOURCES.get(name)
+    aliased, detected = build(recipe, tmp_path, template="chatml"), build(data, tmp_path, template="chatml")
+    assert len(aliased) == len(detected) > 0
+    assert all(torch.equal(aliased[i]["input_ids"], detected[i]["input_ids"]) for i in range(len(detected)))
+    recipe.write_text(f"sources:\n  - path: {data}\n    format: vicuna\n")
+    with pytest.raises(KeyError, match="known: .*sharegpt"):
+        source_format(load_recipe(str(recipe)).sources[0])

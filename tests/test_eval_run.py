@@ -184,3 +184,24 @@ def test_eval_folds_lora_adapters_unless_asked_to_keep_them(setup, tmp_path, bac
         predictions[name] = [json.loads(r)["prediction"] for r in rows]
         assert len(merged) == 1, f"{name}: merge_lora called {len(merged)} time(s)"
     assert predictions["merged"] == predictions["kept"]
+
+
+def test_image_folder_for_a_bare_llava_json(setup, tmp_path, capsys):
+    """LLaVA's layout: `--data ann/qa.json --image-folder images/`, image paths relative to that folder."""
+    from mllm.cli import main
+
+    ckpt, data, root = setup
+    records = json.loads(data.read_text())
+    for r in records:
+        r["image"] = r["image"].removeprefix("images/")
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "qa.json").write_text(json.dumps(records))
+    argv = ["eval", ckpt, "--data", str(tmp_path / "ann" / "qa.json"), "--max-new-tokens", "4"]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--image-folder", str(root / "images")]) == 0
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["exact_match"] == pytest.approx(400 / 6)
+    assert main(argv) == 2  # the images are not beside the JSON file
+    assert "missing_image" in capsys.readouterr().err
+    records[0]["image"] = "../qa.json"  # leaves the image folder: refused, never opened
+    (tmp_path / "ann" / "qa.json").write_text(json.dumps(records))
+    assert main([*argv, "--image-root", str(root / "images")]) == 2
+    assert "unsafe_image_path" in capsys.readouterr().err

@@ -37,8 +37,13 @@ def _ours(model, processor, image, max_new_tokens=8):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vision", ["clip", "siglip"])
-def test_hf_llava_export_matches_our_model(backbones, tmp_path, vision):
+@pytest.mark.parametrize(
+    "vision,mode", [("clip", "full"), ("siglip", "full"), ("clip", "lora"), ("clip", "qlora")]
+)
+def test_hf_llava_export_matches_our_model(backbones, tmp_path, vision, mode):
+    """LoRA adapters are merged into the export; QLoRA ones into the full-precision base (a real QLoRA checkpoint:
+    trained on an NF4 base, bitsandbytes on this CPU). The reference is our model as `mllm chat` would run it, for
+    QLoRA with the full-precision base the export holds: the NF4 base itself is not what LLaVA gets."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mllm.cli import main
@@ -46,7 +51,7 @@ def test_hf_llava_export_matches_our_model(backbones, tmp_path, vision):
     from mllm.inference import load_pretrained
 
     ckpt = make_checkpoint(
-        tmp_path / "ckpt", _config(backbones, vision), seed=3, system_prompt="Answer briefly."
+        tmp_path / "ckpt", _config(backbones, vision, mode=mode), seed=3, system_prompt="Answer briefly."
     )
     out = tmp_path / "llava"
     assert main(["export", ckpt, str(out), "--format", "hf-llava"]) == 0
@@ -58,8 +63,12 @@ def test_hf_llava_export_matches_our_model(backbones, tmp_path, vision):
     text = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = hf_processor(images=image, text=text, return_tensors="pt")
 
-    model, processor = load_pretrained(ckpt)
+    model, processor = load_pretrained(ckpt, full_precision_base=True)
     batch, ours, answer = _ours(model, processor, image)
+    if mode in ("lora", "qlora"):  # the adapters matter: an export without them would be told apart
+        with model.llm.disable_adapter():
+            _, base, _ = _ours(model, processor, image)
+        assert (ours - base).abs().max().item() > 1e-2
     expected_ids = batch["input_ids"].masked_fill(
         batch["input_ids"] == IMAGE_TOKEN_ID, hf.config.image_token_id
     )

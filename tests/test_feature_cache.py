@@ -35,16 +35,33 @@ def _tower(path, **kw):
     return build_vision_tower(VisionConfig(path=path, **kw))
 
 
+def _unusual_images(folder) -> list[str]:
+    """Images a plain `convert("RGB")` decodes differently from training: EXIF-rotated, transparent, 16-bit."""
+    g = np.random.default_rng(1)
+    pixels = g.integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° to display upright
+    Image.fromarray(pixels).save(folder / "rotated.jpg", exif=exif)
+    rgba = np.dstack([pixels, np.where(np.arange(40) < 20, 0, 255).astype(np.uint8)[None].repeat(24, 0)])
+    Image.fromarray(rgba, "RGBA").save(folder / "transparent.png")
+    Image.fromarray(g.integers(0, 65535, (40, 40), dtype=np.uint16)).save(folder / "grey16.png")
+    return [str(folder / n) for n in ("rotated.jpg", "transparent.png", "grey16.png")]
+
+
 def test_cached_features_equal_live_features(backbones, tmp_path):
+    """The reference is what training computes: the image opened by the data pipeline's own decoder."""
+    from mllm.data.images import open_image
+
     tower = _tower(backbones["clip"])
-    paths = _images(tmp_path / "img")
+    paths = _images(tmp_path / "img") + _unusual_images(tmp_path / "img")
     cache = FeatureCache(str(tmp_path / "cache"), tower)
-    assert cache.fill(paths, batch_size=2, progress=False) == 3
+    assert cache.fill(paths, batch_size=2, progress=False) == 6
     assert cache.fill(paths, progress=False) == 0  # everything already there
     for path in paths:
-        with Image.open(path) as im:
-            live = tower(tower.preprocess([im.convert("RGB")]))[0]
-        assert torch.allclose(cache.get(path), live, atol=1e-5)
+        image = open_image(os.path.basename(path), str(tmp_path / "img"), max_pixels=10**6)
+        with torch.no_grad():
+            live = tower(tower.preprocess([image]))[0]
+        assert torch.allclose(cache.get(path), live, atol=1e-5), path
         assert cache.get(path).shape == (tower.num_tokens, tower.hidden_size)
 
 

@@ -205,3 +205,33 @@ def test_a_checkpoint_naming_unknown_parts_is_refused_clearly(tmp_path, tiny_con
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(")) as err:
         load_checkpoint(ckpt)
     assert str(ckpt) in str(err.value)
+
+
+def test_chat_eval_and_export_run_folder_code_only_with_the_flag(backbones, tmp_path, tiny_config, capsys):
+    from helpers import make_image
+
+    from mllm.cli import main
+
+    remote_code_backbone(backbones["llama"], tmp_path / "llm-remote")
+    cfg = tiny_config("clip", "llama", mode="lora")
+    cfg.llm.path = str(tmp_path / "llm-remote")
+    cfg.llm.lora.r = 2
+    cfg.llm.trust_remote_code = True  # the checkpoint asks for it: that alone must not be enough
+    ckpt = make_checkpoint(tmp_path / "ckpt", ModelConfig.from_dict(cfg.to_dict()), template="chatml")
+    make_image(0).save(tmp_path / "a.png")
+    record = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nhi"}]}
+    record["conversations"].append({"from": "gpt", "value": "yes"})
+    (tmp_path / "qa.json").write_text(json.dumps([record]))
+    commands = {
+        "chat": ["chat", ckpt, "--prompt", "hi", "--max-new-tokens", "2"],
+        "eval": ["eval", ckpt, "--data", str(tmp_path / "qa.json"), "--max-new-tokens", "2", "--no-progress"],
+        "export": ["export", ckpt, str(tmp_path / "merged"), "--merge-lora"],
+    }
+    for name, argv in commands.items():
+        capsys.readouterr()
+        assert main(argv) == 2, name
+        assert "trust_remote_code" in capsys.readouterr().err, name
+        assert main([*argv, "--trust-remote-code"]) == 0, name
+    assert load_checkpoint(tmp_path / "merged", trust_remote_code=True)[0].llm.__class__.__name__ == (
+        "RemoteForCausalLM"
+    )

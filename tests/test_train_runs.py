@@ -293,3 +293,99 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(backbones,
     a, b = losses(tmp_path / "reference"), losses(out)
     assert sorted(b) == list(range(1, 13))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_image_folder_for_a_bare_llava_json(backbones, colours, tmp_path):
+    """LLaVA's layout: `--data ann/colours.json --image-folder img/`, image paths relative to that folder."""
+    import argparse
+
+    from mllm.train.batches import train_recipe
+    from mllm.train.config import add_config_arguments
+
+    records = json.loads(Path(colours).read_text())
+    for r in records:
+        r["image"] = r["image"].removeprefix("img/")
+    (tmp_path / "ann").mkdir()
+    data = tmp_path / "ann" / "colours.json"
+    data.write_text(json.dumps(records))
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    folder = parser.parse_args(["--image-folder", str(Path(colours).parent / "img")]).image_root
+    summary = train(config(backbones, str(data), tmp_path / "out", max_steps=1, image_root=folder))
+    assert summary["samples"] == 4 and summary["skipped_samples"] == 0
+    # without it the images resolve beside the JSON file (where they are not)
+    assert train_recipe(config(backbones, str(data), tmp_path / "out2")).image_root == str(tmp_path / "ann")
+
+
+def fresh_schedule_lrs(cfg, steps: int) -> list[float]:
+    """The lr of steps 1..`steps` of a fresh run of `steps` steps: this run's scheduler on a bare optimizer."""
+    from mllm.train.optim import make_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.slow
+def test_a_run_extended_on_resume_follows_a_fresh_schedule_of_its_new_length(backbones, colours, tmp_path):
+    # 2 optimizer steps per epoch: --max-steps 6 and --epochs 3 (with --max-steps 0) are the same 6 steps
+    short = config(backbones, colours, tmp_path / "a", max_steps=3, warmup_ratio=0.3, schedule="cosine")
+    train(short)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    fresh = fresh_schedule_lrs(dataclasses.replace(short, max_steps=6), 6)
+    assert fresh[3] > 0 and len(set(fresh)) == 6  # (the old 3-step schedule ended at lr 0)
+    for output, longer in (("a", dict(max_steps=6)), ("b", dict(max_steps=0, epochs=3.0))):
+        summary = train(dataclasses.replace(short, output=str(tmp_path / output), **longer))
+        assert summary["steps_this_run"] == 3
+        lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / output)}
+        assert [lrs[k] for k in (4, 5, 6)] == pytest.approx(fresh[3:], rel=1e-6), output
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
+    with pytest.raises(ValueError, match="at step 6, past this run's 3 steps"):
+        setup(dataclasses.replace(short, output=str(tmp_path / "a")))
+
+
+def test_resume_refuses_changed_maths_by_name(tmp_path):
+    """Learning rate, schedule, accumulation, data contents (same path, edited file): each refused, named."""
+    from mllm.checkpoint import mark_complete, write_model_files
+    from mllm.data.recipe import data_fingerprint, load_recipe
+    from mllm.train.loop import check_resumable
+
+    data = Path(write_colours(tmp_path / "data"))
+    cfg = resolve_config(stage=1, vision="v", llm="l", data=str(data), output=str(tmp_path / "out"))
+    fingerprint = data_fingerprint(load_recipe(str(data)))
+    ckpt = tmp_path / "out" / "checkpoint-3"
+    meta = {"run": cfg.to_dict(), "data_fingerprint": fingerprint}
+    write_model_files(ckpt, cfg.model_config(), {"connector": {"w": torch.zeros(1)}}, meta=meta)
+    mark_complete(ckpt)
+    check_resumable(dataclasses.replace(cfg, max_steps=9, epochs=2.0, num_workers=5), ckpt, fingerprint)
+    for change, named in (
+        (dict(lr=5e-4), "lr: 0.001 → 0.0005"),
+        (dict(connector_lr=1e-4), "connector_lr"),
+        (dict(schedule="linear"), "schedule: 'cosine' → 'linear'"),
+        (dict(warmup_ratio=0.1), "warmup_ratio"),
+        (dict(grad_accum=4), "grad_accum: 0 → 4"),
+        (dict(global_batch_size=64), "global_batch_size"),
+        (dict(max_length=64), "max_length"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            check_resumable(dataclasses.replace(cfg, **change), ckpt, fingerprint)
+    moved = tmp_path / "moved" / "colours.json"  # the same data elsewhere: a path is not the data
+    shutil.copytree(tmp_path / "data", moved.parent)
+    check_resumable(
+        dataclasses.replace(cfg, data=str(moved)), ckpt, data_fingerprint(load_recipe(str(moved)))
+    )
+    records = json.loads(data.read_text())
+    records[0]["conversations"][1]["value"] = "It is crimson."
+    data.write_text(json.dumps(records))  # same path, other contents
+    edited = data_fingerprint(load_recipe(str(data)))
+    assert edited != fingerprint
+    with pytest.raises(
+        ValueError, match=f"data contents of {data} \\(fingerprint {fingerprint} → {edited}\\)"
+    ):
+        check_resumable(cfg, ckpt, edited)

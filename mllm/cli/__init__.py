@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not getattr(args, "debug", False):  # --debug: every library's every line, as they print them
+        from mllm.cli.quiet import quiet_libraries
+
+        quiet_libraries()
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except (UserError, FileNotFoundError, ValueError, KeyError) as e:

@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from mllm.cli import UserError
+from mllm.cli.options import add_trust_remote_code
 
 HELP = """commands:
   /image PATH [PATH ...]  attach image(s) to your next message (several per turn are fine)
@@ -39,6 +40,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="override the checkpoint's compute dtype"
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    add_trust_remote_code(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -54,6 +56,7 @@ def load_model(args: argparse.Namespace):
             device=args.device,
             load_4bit=args.load_4bit,
             merge_adapters=not args.keep_adapters,
+            trust_remote_code=args.trust_remote_code,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None

@@ -7,6 +7,7 @@ import os
 import sys
 
 from mllm.cli import UserError
+from mllm.cli.options import add_image_root
 
 DEFAULT_IMAGE_TOKENS = 576
 """LLaVA-1.5's CLIP ViT-L/14 at 336 px: 24 × 24 patches per image."""
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         )
         q.add_argument("--template", help="override the recipe's template")
         q.add_argument("--max-length", type=int, help="override the recipe's max_length")
-        q.add_argument("--image-root", help="override the recipe's image_root")
+        add_image_root(q)
         q.add_argument("--seed", type=int, default=0, help="seed of `random:N` subsets (as in training)")
         q.add_argument("--debug", action="store_true", help="show tracebacks")
     check.add_argument("--workers", type=int, help="reader processes (default: up to 8 for large data)")

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from mllm.cli import UserError
+from mllm.cli.options import add_image_root, add_trust_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoint", help="checkpoint directory (or a training output directory: its newest checkpoint)"
     )
     p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL file, or a data recipe YAML")
+    add_image_root(p)
     p.add_argument("--output", help="directory for predictions.jsonl and scores.json")
     p.add_argument(
         "--metric",
@@ -40,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, ~1.75x faster on CPU)",
     )
     p.add_argument("--no-progress", action="store_true")
+    add_trust_remote_code(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    items = load_eval_items(args.data, limit=args.limit)
+    items = load_eval_items(args.data, limit=args.limit, image_root=args.image_root)
     if args.swap_images:
         items = swap_images(items, seed=args.seed)
     metric = detect_metric(items) if args.metric == "auto" else args.metric
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             load_4bit=args.load_4bit,
             merge_adapters=not args.keep_adapters,
+            trust_remote_code=args.trust_remote_code,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None

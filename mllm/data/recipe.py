@@ -7,6 +7,8 @@ one-source recipe whose images resolve against the file's folder.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -162,3 +164,50 @@ def load_recipe(path: str, **overrides: Any) -> Recipe:
     if recipe.cache_dir not in (None, "none"):
         recipe.cache_dir = _resolve(base, recipe.cache_dir)
     return recipe
+
+
+FULL_HASH_BYTES = 64 << 20
+"""Data files up to this size are fingerprinted by their whole content; larger ones by their size and samples."""
+SAMPLED_BLOCKS = 64
+"""A larger file: this many evenly spaced 256 KiB blocks (first and last included) are hashed, 16 MiB in all."""
+BLOCK = 256 << 10
+
+
+def data_fingerprint(recipe: Recipe) -> str:
+    """A hash of what the recipe feeds a run: its data files' content and each source's selection settings.
+
+    Paths do not count (moved data is the same data; a file rewritten in place is not). Images are not read:
+    they are named by the records, which are. A file above `FULL_HASH_BYTES` counts by its size and
+    `SAMPLED_BLOCKS` blocks, so an edit to such a file that keeps its size and misses those blocks goes unseen.
+    """
+    from mllm.data.sources.webdataset import expand_shards, is_webdataset
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([recipe.template, recipe.max_length, recipe.system_prompt]).encode())
+    for s in recipe.sources:
+        settings = [s.format, s.sample, s.weight, s.image_column, s.text_column, s.prompt, s.split]
+        h.update(json.dumps(settings).encode())
+        if is_webdataset(s.path):
+            files = expand_shards(s.path)
+        elif os.path.isdir(s.path):
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(s.path) for f in fs)
+        else:
+            files = [s.path]
+        for path in files:
+            h.update(
+                os.path.relpath(path, s.path if os.path.isdir(s.path) else os.path.dirname(path)).encode()
+            )
+            _hash_content(path, h)
+    return h.hexdigest()
+
+
+def _hash_content(path: str, h) -> None:
+    size = os.path.getsize(path)
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            h.update(f.read())
+            return
+        for k in range(SAMPLED_BLOCKS):
+            f.seek((size - BLOCK) * k // (SAMPLED_BLOCKS - 1))
+            h.update(f.read(BLOCK))

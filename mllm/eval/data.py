@@ -36,15 +36,18 @@ class EvalItem:
         return [os.path.normpath(os.path.join(self.image_root, ref)) for ref in self.images]
 
 
-def load_eval_items(path: str, limit: int | None = None, seed: int = 0) -> list[EvalItem]:
+def load_eval_items(
+    path: str, limit: int | None = None, seed: int = 0, image_root: str | None = None
+) -> list[EvalItem]:
     """Read every selected sample of a data file or recipe as an `EvalItem` (bad samples raise with their location).
 
-    `seed` drives `sample: random:N` selections in a recipe, as in training.
+    `seed` drives `sample: random:N` selections in a recipe, as in training; `image_root` (relative: to the
+    current directory) replaces the recipe's, as `--image-root` does in training.
     """
     from mllm.data.dataset import select_indices
     from mllm.data.sources import open_source
 
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, image_root=image_root)
     items: list[EvalItem] = []
     for spec in recipe.sources:
         source = open_source(spec)

@@ -11,7 +11,7 @@ from mllm.config import ModelConfig
 from mllm.connectors import build_connector
 from mllm.model.multimodal import MultimodalLM
 from mllm.model.runtime import Runtime, resolve_runtime
-from mllm.model.trainability import apply_trainability, format_parameter_table, parameter_table
+from mllm.model.trainability import apply_trainability
 from mllm.vision import build_vision_tower
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ def build_model(
     model = MultimodalLM(cfg, vision, connector, llm)
     if trainable:
         apply_trainability(model)
-        log.info("parameters:\n%s", format_parameter_table(parameter_table(model)))
     else:
         model.requires_grad_(False)
     return model

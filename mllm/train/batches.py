@@ -75,11 +75,16 @@ class BlankImageRow:
         }  # sample_ids keep naming only the real samples
 
 
+def train_recipe(cfg: TrainConfig):
+    """The run's data recipe, with the run's --template, --max-length and --image-root overrides applied."""
+    overrides = {"template": cfg.template, "max_length": cfg.max_length, "image_root": cfg.image_root}
+    return load_recipe(cfg.data, **{k: v for k, v in overrides.items() if v})
+
+
 def build_train_data(
     cfg: TrainConfig, tokenizer, model, rank: int, world_size: int, progress: bool
 ) -> TrainData:
-    overrides = {"template": cfg.template or None, "max_length": cfg.max_length or None}
-    recipe = load_recipe(cfg.data, **overrides)
+    recipe = train_recipe(cfg)
     if tokenizer.pad_token_id is None:
         raise ValueError(
             f"{cfg.llm}: the tokenizer has no pad token; set pad_token in its tokenizer_config.json"

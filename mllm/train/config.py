@@ -64,6 +64,9 @@ class TrainConfig:
     """For qformer / resampler: attention heads (must divide the width)."""
     data: str = ""
     """Data recipe (YAML) or a LLaVA-format .json / .jsonl file."""
+    image_root: str = ""
+    """Folder the data's image paths resolve against, as LLaVA's --image_folder (empty = the recipe's image_root; for a
+    bare .json / .jsonl file, its own folder). Image paths may not leave it."""
     template: str = ""
     """Chat template override (empty = the recipe's)."""
     max_length: int = 0
@@ -246,6 +249,10 @@ STAGE_PRESETS: dict[int, dict[str, Any]] = {
 }
 
 
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"image_root": ("--image-folder",)}
+"""Other spellings of a field's option (LLaVA's names users already know)."""
+
+
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
@@ -280,7 +287,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, include_stage: bool = 
             kwargs.update(type=hint)
         if f.name == "resume":
             kwargs.update(nargs="?", const="latest")
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, *FLAG_ALIASES.get(f.name, ()), **kwargs)
 
 
 def field_docs() -> dict[str, str]:

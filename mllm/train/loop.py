@@ -22,13 +22,15 @@ from safetensors.torch import load_file
 
 from mllm.checkpoint import read_config
 from mllm.config import ModelConfig
+from mllm.data.recipe import data_fingerprint
 from mllm.model import build_model, load_tokenizer, resolve_runtime
 from mllm.model.runtime import training_attention
+from mllm.model.trainability import format_parameter_table, parameter_table
 from mllm.train import checkpointing, preflight
 from mllm.train import distributed as dist
-from mllm.train.batches import BatchStream, TrainData, build_train_data, supervised_tokens
+from mllm.train.batches import BatchStream, TrainData, build_train_data, supervised_tokens, train_recipe
 from mllm.train.config import TrainConfig, save_yaml
-from mllm.train.optim import make_scheduler, param_groups
+from mllm.train.optim import make_scheduler, param_groups, schedule_from
 from mllm.train.progress import Progress, format_summary
 from mllm.train.stop import StopRequest
 
@@ -50,6 +52,8 @@ class Session:
     state: dict[str, int]
     total_steps: int
     grad_accum: int
+    data_fingerprint: str
+    """`mllm.data.recipe.data_fingerprint` of the run's data, saved in each checkpoint; resuming compares it."""
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -74,14 +78,16 @@ def setup(cfg: TrainConfig) -> Session:
         checkpointing.clear_interrupted(out)
     dist.barrier()
     resume_from = checkpointing.find_resume_point(cfg)
+    fingerprint = data_fingerprint(train_recipe(cfg))
     if resume_from is not None:
-        check_resumable(cfg, resume_from)
+        check_resumable(cfg, resume_from, fingerprint)
     grad_accum = cfg.grad_accum or max(1, cfg.global_batch_size // (cfg.micro_batch_size * world.size))
 
     transformers.set_seed(cfg.seed)  # same connector initialisation on every rank
     mcfg = cfg.model_config()
     runtime = resolve_runtime(mcfg.dtype, mcfg.attn_implementation, str(world.device))
     model = build_model(mcfg, runtime)
+    log.info("parameters:\n%s", format_parameter_table(parameter_table(model)))
     if cfg.init_from:
         load_stage1_connector(model, cfg.init_from)
     if cfg.grad_checkpointing:
@@ -91,6 +97,11 @@ def setup(cfg: TrainConfig) -> Session:
     runtime = use_training_attention(model, cfg, runtime, data)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.sampler) / grad_accum))
     start_step = checkpointing.saved_step(resume_from) if resume_from is not None else 0
+    if start_step > total_steps:
+        raise ValueError(
+            f"{resume_from} is at step {start_step}, past this run's {total_steps} steps: raise --max-steps or "
+            "--epochs to continue it"
+        )
     preflight.check_disk_space(
         out,
         preflight.checkpoint_bytes(model),
@@ -118,6 +129,8 @@ def setup(cfg: TrainConfig) -> Session:
     transformers.set_seed(cfg.seed + world.rank)  # dropout differs per rank, repeats per seed
     if resume_from is not None:
         state.update(checkpointing.restore(engine, world, resume_from, stream))
+        # on this run's schedule: --max-steps / --epochs (the run's length) may have changed
+        schedule_from(engine.lr_scheduler, state["step"])
         log.info("resumed from %s at step %d (epoch %.3f)", resume_from, state["step"], stream.epoch_progress)
     if world.is_main:
         save_yaml(cfg, out / RUN_CONFIG_FILE)
@@ -125,7 +138,7 @@ def setup(cfg: TrainConfig) -> Session:
             "stage %d: %d steps × %d micro-batches of %d × %d process(es); ZeRO-%d; %s",
             cfg.stage, total_steps, grad_accum, cfg.micro_batch_size, world.size, dist.zero_stage(ds), runtime.describe(),
         )  # fmt: skip
-    return Session(cfg, world, model, engine, data, stream, state, total_steps, grad_accum)
+    return Session(cfg, world, model, engine, data, stream, state, total_steps, grad_accum, fingerprint)
 
 
 def use_training_attention(model, cfg: TrainConfig, runtime, data: TrainData):
@@ -194,6 +207,7 @@ def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path |
         due = state["step"] == s.total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0)
         if stopped_by or due:
             meta = checkpointing.model_meta(cfg, s.data.recipe, state["step"])
+            meta["data_fingerprint"] = s.data_fingerprint
             last_saved = checkpointing.save(
                 s.engine, s.model, s.world, cfg, state["step"], s.stream.state_dict(), dict(state), meta
             )
@@ -237,7 +251,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute, so that checkpoints and run_config.yaml work from any directory (hub ids stay)."""
     values = cfg.to_dict()
-    for key in ("vision", "llm", "data", "output", "zero", "init_from"):
+    for key in ("vision", "llm", "data", "image_root", "output", "zero", "init_from"):
         if values[key] and (key == "output" or Path(values[key]).exists()):
             values[key] = str(Path(values[key]).expanduser().resolve())
     if values["resume"] not in ("auto", "latest", "no"):
@@ -284,29 +298,40 @@ def load_stage1_connector(model, init_from: str) -> None:
     log.info("connector initialised from %s", path)
 
 
-def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
-    """Refuse to continue a checkpoint under settings that would change the data order or the model."""
-    saved = read_config(checkpoint).get("run", {})
-    fixed = (
-        "stage",
-        "vision",
-        "llm",
-        "llm_mode",
-        "connector",
-        "projector",
-        "data",
-        "seed",
-        "micro_batch_size",
-        "max_tokens",
-        "lora_r",
-    )
+CHANGEABLE_ON_RESUME = frozenset({
+    "max_steps", "epochs",  # the run's length: the schedule is rebuilt for it from the restored step
+    "data",  # the path: what counts is the data's content, compared by its fingerprint
+    "image_root", "init_from", "output", "resume", "save_every", "keep_last", "log_every", "num_workers",
+    "trust_remote_code", "grad_checkpointing", "attention", "pad_to_multiple_of", "causal_kernel",
+})  # fmt: skip
+"""Run settings a resumed run may change: its length, where things are, and how (not what) it computes. Every other
+setting (learning rates, schedule, accumulation, batch, model, data selection, seed …) is refused by name."""
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: Path, fingerprint: str) -> None:
+    """Refuse to continue a checkpoint under settings that would change the maths, the data or the model.
+
+    `fingerprint` is the current data's `data_fingerprint`; a checkpoint saved with another one was trained on
+    other data (another file, or the same file edited).
+    """
+    config = read_config(checkpoint)
+    saved = config.get("run", {})
+    current = cfg.to_dict()
+    fixed = {k for k in current if k not in CHANGEABLE_ON_RESUME}
+    if "data_fingerprint" not in config:  # saved before fingerprints: the path is all there is to compare
+        fixed.add("data")
     changed = [
-        f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}"
-        for k in fixed
-        if k in saved and saved[k] != getattr(cfg, k)
+        f"{k}: {saved[k]!r} → {current[k]!r}"
+        for k in current
+        if k in fixed & set(saved) and saved[k] != current[k]
     ]
+    if config.get("data_fingerprint", fingerprint) != fingerprint:
+        changed.append(
+            f"data contents of {cfg.data} (fingerprint {config['data_fingerprint']} → {fingerprint})"
+        )
     if changed:
         raise ValueError(
-            f"{checkpoint} was trained with other settings ({'; '.join(changed)}); "
-            "use another --output, or --resume no to start over there"
+            f"{checkpoint} was trained with other settings ({'; '.join(changed)}); only --max-steps / --epochs "
+            "(and paths, logging, workers, kernels) may change on resume: use another --output, or --resume no to "
+            "start over there"
         )

@@ -42,3 +42,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg.schedule)
     )
+
+
+def schedule_from(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put every parameter group on this run's schedule at `step` (optimizer steps done), after a restore.
+
+    A restored scheduler holds the learning rate its previous run computed; if --max-steps or --epochs changed,
+    that belongs to another schedule (at the end of a cosine run: 0). Recomputing it from this run's lambda makes
+    a resumed run follow a fresh schedule of its new length from the restored step.
+    """
+    scheduler.last_epoch = step - 1
+    scheduler.step()  # sets each group's lr to base_lr × multiplier(step) and get_last_lr() to match

@@ -14,7 +14,6 @@ metadata, which is checked on every read.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from mllm.data.images import open_image
 from mllm.vision.base import VisionTower
 
 ImageSource = str | bytes | Image.Image
@@ -36,7 +36,12 @@ def tower_key(tower: VisionTower) -> dict[str, Any]:
     nanosecond stamp of its local weight files (a rewrite within the same second still changes the key)."""
     dtype = next(tower.parameters()).dtype
     ident = tower.identity()
-    return {**ident, "dtype": str(dtype).removeprefix("torch."), "files": _files_stamp(ident.get("path"))}
+    return {
+        **ident,
+        "dtype": str(dtype).removeprefix("torch."),
+        "files": _files_stamp(ident.get("path")),
+        "decode": DECODE_VERSION,
+    }
 
 
 def _files_stamp(path: Any) -> list | None:
@@ -68,12 +73,18 @@ def content_key(image: ImageSource) -> str:
     return h.hexdigest()
 
 
+DECODE_VERSION = 2
+"""Part of the tower key: 2 = decoded by the data pipeline's `open_image` (1 was a plain `convert("RGB")`, which
+kept EXIF-rotated images sideways, clipped 16-bit ones and showed transparent areas as their stored colour)."""
+
+
 def _open(image: ImageSource) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    fp = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
-    with Image.open(fp) as im:
-        return im.convert("RGB")
+    """The image as training decodes it (`mllm.data.images.open_image`: upright, 8-bit RGB, transparency on white)."""
+    if isinstance(image, str):
+        return open_image(
+            os.path.basename(image), os.path.dirname(os.path.abspath(image)), Image.MAX_IMAGE_PIXELS
+        )
+    return open_image(image, "", Image.MAX_IMAGE_PIXELS)
 
 
 class FeatureCache:

@@ -24,6 +24,8 @@ SOURCES.register("messages")(MessagesSource)
 SOURCES.register("captions")(CaptionSource)
 SOURCES.register("parquet")(ParquetSource)
 SOURCES.register("hf")(HFDiskSource)
+SOURCES.alias("sharegpt", "llava")  # `conversations` of from/value turns: ShareGPT's layout, which LLaVA uses
+SOURCES.alias("openai", "messages")  # `messages` of role/content turns: OpenAI's chat layout
 
 STREAMING_FORMATS = ("webdataset",)
 ALL_FORMATS = (*SOURCES.names(), *STREAMING_FORMATS)
@@ -45,9 +47,15 @@ def detect_format(path: str) -> str:
 
 
 def source_format(spec: SourceSpec) -> str:
-    if spec.format != "auto" and spec.format not in ALL_FORMATS:
-        raise KeyError(f"unknown data source format {spec.format!r}; known: {', '.join(ALL_FORMATS)}")
-    return detect_format(spec.path) if spec.format == "auto" else spec.format
+    """The registered format name of `spec`: detected for `auto`, an alias (`sharegpt`, `openai`) resolved."""
+    if spec.format == "auto":
+        return detect_format(spec.path)
+    if spec.format in STREAMING_FORMATS:
+        return spec.format
+    if spec.format not in SOURCES:
+        known = ", ".join([*ALL_FORMATS, *SOURCES.aliases()])
+        raise KeyError(f"unknown data source format {spec.format!r}; known: {known}")
+    return SOURCES.canonical(spec.format)
 
 
 def open_source(spec: SourceSpec) -> Source:
