@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from mllm.cli import UserError
+from mllm.cli.options import add_no_verify
 
 HELP = """commands:
   /image PATH [PATH ...]  attach image(s) to your next message (several per turn are fine)
@@ -53,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="override the checkpoint's compute dtype"
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    add_no_verify(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             load_4bit=args.load_4bit,
             merge_adapters=not args.keep_adapters,
+            verify_hashes=not args.no_verify,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None

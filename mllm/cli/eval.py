@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from mllm.cli import UserError
+from mllm.cli.options import add_no_verify
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, ~1.75x faster on CPU)",
     )
     p.add_argument("--no-progress", action="store_true")
+    add_no_verify(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             load_4bit=args.load_4bit,
             merge_adapters=not args.keep_adapters,
+            verify_hashes=not args.no_verify,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mllm.cli import UserError
+from mllm.cli.options import add_no_verify
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype of the export"
     )
+    add_no_verify(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -52,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "hf-llava":
             check_exportable(ModelConfig.from_dict(saved["model"]))  # refuse before seconds of loading
         # A QLoRA checkpoint's adapters are merged into the full-precision base, never into 4-bit weights.
-        model, processor = load_pretrained(args.checkpoint, dtype=args.dtype, full_precision_base=True)
+        model, processor = load_pretrained(
+            args.checkpoint, dtype=args.dtype, full_precision_base=True, verify_hashes=not args.no_verify
+        )
     except CheckpointError as e:
         raise UserError(str(e)) from None
     except ExportError as e:

@@ -17,6 +17,7 @@ def load_pretrained(
     load_4bit: bool = False,
     full_precision_base: bool = False,
     merge_adapters: bool = False,
+    verify_hashes: bool = True,
 ):
     """A checkpoint (or a training output directory: its newest complete checkpoint) → `(model, processor)`.
 
@@ -25,11 +26,18 @@ def load_pretrained(
     LoRA adapters into an unquantised base in memory before answering — the same function, without peft's
     per-layer detour (measured on SmolLM2-135M, CPU: evaluation 1.75× faster, the same 160 of 160 answers);
     ignored for checkpoints without adapters and for 4-bit bases, whose merged weights would be rounded.
+    `verify_hashes=False` skips checking the weight files against their recorded hashes (`--no-verify`); their
+    values are checked finite either way.
     """
     from mllm.checkpoint import load_checkpoint
 
     model, config = load_checkpoint(
-        path, dtype=dtype, device=device, load_4bit=load_4bit, full_precision_base=full_precision_base
+        path,
+        dtype=dtype,
+        device=device,
+        load_4bit=load_4bit,
+        full_precision_base=full_precision_base,
+        verify_hashes=verify_hashes,
     )
     if merge_adapters and model.config.llm.mode == "lora":
         from mllm.export.merge import merge_lora
