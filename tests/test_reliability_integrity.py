@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def launch(script: str, args: list[str], port: int, fault: str | None) -> subpro
     if fault:
         env[FAULT_ENV] = fault
     cmd = launcher() + ["--num_gpus", "2", "--master_port", str(port + os.getpid() % 200), script, *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
 
 
 @pytest.mark.slow
@@ -240,10 +241,10 @@ def test_two_processes_skip_a_step_poisoned_on_one_rank_stop_after_a_run_of_them
     assert stopped.returncode != 0, log[-3000:]
     assert "stopped: 2 optimizer steps in a row (steps 4-5) had a non-finite loss or gradient norm" in log
     assert f"the newest checkpoint is {z3 / 'checkpoint-3'}" in log
-    for rank in (0, 1):  # each rank logs the samples of its own micro-batches
-        assert (
-            "step 2: non-finite loss (detected on every rank)" in log
-            and f"Rank {rank}'s micro-batches" in log
+    # every rank saw it (rank 0's own loss was finite) and logs the samples of its own micro-batches
+    for rank in (0, 1):
+        assert re.search(
+            f"step 2: non-finite loss \\(detected on every rank\\).*Rank {rank}'s micro-batches", log
         )
     assert [p.name for p in z3.glob("checkpoint-*")] == ["checkpoint-3"]
     records = read_metrics(z3)
