@@ -231,9 +231,8 @@ def train_step(
     # DeepSpeed averages gradients over processes; × world size turns that back into a sum over all tokens.
     scale = world.size / max(total_tokens, 1.0)
     loss_sum, discard = 0.0, False
-    for i, batch in enumerate(
-        batches
-    ):  # (one whose samples were all bad is a blank row alone: learns nothing)
+    # (a micro-batch whose samples were all bad is a blank row alone: a pass that learns nothing)
+    for i, batch in enumerate(batches):
         out = engine(**_to_device(batch, world.device))
         loss = fault.apply(out.loss_sum, step, world.rank) if fault else out.loss_sum
         loss_sum += float(loss.detach())
