@@ -7,11 +7,16 @@ Layout of a checkpoint directory::
     adapter/                LoRA / QLoRA adapters (peft layout), when the LLM was adapted
     llm.safetensors         full LLM weights, when the LLM was trained in full
     vision.safetensors      when the vision tower was trained
-    COMPLETE                written last: the manifest of every file and its size
+    COMPLETE                written last: the manifest of every file, its size and its xxh3-128 hash
 
 A directory is written under a temporary name and renamed into place only
 after COMPLETE is on disk, so a crash mid-save never leaves a checkpoint that
-looks complete. `load_checkpoint` verifies the manifest.
+looks complete. `load_checkpoint` verifies the manifest: the size of every
+file, and the hash of every weight file it reads (a same-size corruption, a
+flipped byte, is caught and the file named); every tensor it loads must be
+finite. Hashing is xxh3-128 (xxhash): not cryptographic, which is not the
+point here (whoever can rewrite a weight file can rewrite the manifest), but
+several GB/s, faster than the disk it reads from.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 
 from mllm.config import FORMAT_VERSION, ModelConfig
@@ -38,8 +45,53 @@ DISCARD_PREFIX = ".deleting-"
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+HASH = "xxh3_128"
+"""The content hash recorded in COMPLETE beside each file's size."""
+WEIGHT_FILES = (
+    "connector.safetensors",
+    "vision.safetensors",
+    "llm.safetensors",
+    "adapter/adapter_model.safetensors",
+)
+"""The weight files a checkpoint may hold (relative paths), those `load_checkpoint` reads."""
+_CHUNK = 8 * 2**20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names the directory or file and what is wrong."""
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """The xxh3-128 hex digest of a file's bytes, read in 8 MiB chunks."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in `tensors` holding a NaN or an infinity."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise `CheckpointError` naming `source` (the file) and the first tensor that holds a NaN or an infinity."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        t = tensors[bad[0]]
+        raise CheckpointError(
+            f"{source}: tensor {bad[0]!r} holds {int((~torch.isfinite(t)).sum())} non-finite value(s) (NaN/Inf)"
+            + (f", and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else "")
+            + "; these weights are unusable: load an earlier checkpoint"
+        )
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """One safetensors file → its tensors, every one checked finite (`CheckpointError` naming file and tensor)."""
+    tensors = load_file(str(path))
+    check_finite(tensors, path)
+    return tensors
 
 
 def trainable_state_dicts(model) -> dict[str, dict[str, torch.Tensor]]:
@@ -92,25 +144,32 @@ def write_model_files(
 
 
 def mark_complete(directory: str | os.PathLike) -> None:
-    """Flush every file to disk, then write the manifest last, fsynced: from here on the directory is a usable
-    checkpoint (also after a power loss, not only after a crash of the process)."""
+    """Flush every file to disk, hash it, then write the manifest last, fsynced: from here on the directory is a
+    usable checkpoint (also after a power loss, not only after a crash of the process).
+
+    The hash is taken as the save ends, of the bytes just written (still in the page cache: no disk read).
+    """
     d = Path(directory)
     manifest = {}
     for p in sorted(d.rglob("*")):
         if p.is_file() and p.name != COMPLETE_FILE:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-            manifest[str(p.relative_to(d))] = p.stat().st_size
+            manifest[str(p.relative_to(d))] = {"size": p.stat().st_size, HASH: file_hash(p)}
     tmp = d / (COMPLETE_FILE + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"files": manifest}, f, indent=1)
+        json.dump({"hash": HASH, "files": manifest}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, d / COMPLETE_FILE)
 
 
-def verify(directory: str | os.PathLike) -> None:
-    """Raise `CheckpointError` unless `directory` has a COMPLETE manifest that matches its files."""
+def verify(directory: str | os.PathLike, hashed: Iterable[str] | Literal["all"] = ()) -> None:
+    """Raise `CheckpointError` unless `directory` has a COMPLETE manifest that matches its files.
+
+    Every file's size is checked (cheap); the content hash only of the files named in `hashed` (paths relative
+    to `directory`; "all" = every file). A manifest written before hashes were recorded has sizes only.
+    """
     d = Path(directory)
     marker = d / COMPLETE_FILE
     if not marker.is_file():
@@ -119,10 +178,20 @@ def verify(directory: str | os.PathLike) -> None:
         manifest = json.loads(marker.read_text())["files"]
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{d}: unreadable {COMPLETE_FILE} manifest ({e})") from e
-    for rel, size in manifest.items():
+    for rel, entry in manifest.items():
+        size = entry["size"] if isinstance(entry, dict) else entry
         p = d / rel
         if not p.is_file() or p.stat().st_size != size:
             raise CheckpointError(f"{d}: {rel} is missing or has the wrong size (damaged checkpoint)")
+    for rel in manifest if hashed == "all" else hashed:
+        entry = manifest.get(rel)
+        if not isinstance(entry, dict) or HASH not in entry:
+            continue  # not in the manifest, or a manifest from before hashes: sizes were all it could check
+        if file_hash(d / rel) != entry[HASH]:
+            raise CheckpointError(
+                f"{d / rel}: its content differs from the {HASH} hash recorded when it was saved (damaged on "
+                "disk or edited since); use an earlier checkpoint, or pass --no-verify to load it anyway"
+            )
 
 
 def publish(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
@@ -162,11 +231,13 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint; a damaged newer one is skipped with a warning."""
+def latest_checkpoint(
+    output_dir: str | os.PathLike, hashed: Iterable[str] | Literal["all"] = ()
+) -> Path | None:
+    """The newest complete checkpoint; a damaged newer one is skipped with a warning. `hashed`: as in `verify`."""
     for _step, path in reversed(list_checkpoints(output_dir)):
         try:
-            verify(path)
+            verify(path, hashed)
             return path
         except CheckpointError as e:
             log.warning("skipping damaged checkpoint %s: %s; falling back to an older one", path, e)
@@ -202,6 +273,7 @@ def load_checkpoint(
     load_4bit: bool = False,
     full_precision_base: bool = False,
     trust_remote_code: bool = False,
+    verify_hashes: bool = True,
 ):
     """Load a checkpoint (or an output directory: its newest complete checkpoint) for inference.
 
@@ -209,6 +281,9 @@ def load_checkpoint(
     dict (template, run settings). Needs no DeepSpeed. `full_precision_base` puts a QLoRA checkpoint's
     adapters on the unquantised base (its `model.config.llm.mode` is then `lora`), e.g. to merge them.
     `trust_remote_code` is the caller's decision alone: a checkpoint's own config cannot switch it on.
+    The weight files read are checked against their recorded hashes (`verify_hashes=False` skips that, the
+    `--no-verify` of the commands), and every tensor loaded must be finite: else a `CheckpointError` names the
+    file (and the tensor).
     """
     from mllm.connectors import CONNECTORS
     from mllm.model import build_model, resolve_runtime
@@ -216,6 +291,10 @@ def load_checkpoint(
 
     config = read_config(path)
     d = Path(config["_path"])
+    weight_files = [rel for rel in WEIGHT_FILES if (d / rel).is_file()]
+    if verify_hashes:
+        verify(d, hashed=weight_files)
+    weights = {rel.split("/")[0].removesuffix(".safetensors"): read_weights(d / rel) for rel in weight_files}
     mcfg = ModelConfig.from_dict(config["model"])
     mcfg.llm.trust_remote_code = trust_remote_code
     for what, registry, name in (
@@ -238,17 +317,15 @@ def load_checkpoint(
         mcfg.llm.mode = "lora"
     runtime = resolve_runtime(mcfg.dtype, mcfg.attn_implementation, device)
     model = build_model(mcfg, runtime, trainable=trained_mode in ("lora", "qlora"), load_4bit=load_4bit)
-    model.connector.load_state_dict(load_file(str(d / "connector.safetensors")))
-    if (d / "vision.safetensors").is_file():
-        model.vision.load_state_dict(load_file(str(d / "vision.safetensors")))
-    if (d / "llm.safetensors").is_file():
-        model.llm.load_state_dict(load_file(str(d / "llm.safetensors")))
-    if (d / "adapter" / "adapter_model.safetensors").is_file():
+    model.connector.load_state_dict(weights["connector"])
+    if "vision" in weights:
+        model.vision.load_state_dict(weights["vision"])
+    if "llm" in weights:
+        model.llm.load_state_dict(weights["llm"])
+    if "adapter" in weights:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(
-            model.llm, load_file(str(d / "adapter" / "adapter_model.safetensors"))
-        )
+        result = set_peft_model_state_dict(model.llm, weights["adapter"])
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{d}: adapter weights do not fit the LLM: {result.unexpected_keys[:3]}")
     model.to(runtime.device)

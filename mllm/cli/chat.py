@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from mllm.cli import UserError
-from mllm.cli.options import add_trust_remote_code
+from mllm.cli.options import add_no_verify, add_trust_remote_code
 
 HELP = """commands:
   /image PATH [PATH ...]  attach image(s) to your next message (several per turn are fine)
@@ -41,6 +41,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     add_trust_remote_code(p)
+    add_no_verify(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -57,6 +58,7 @@ def load_model(args: argparse.Namespace):
             load_4bit=args.load_4bit,
             merge_adapters=not args.keep_adapters,
             trust_remote_code=args.trust_remote_code,
+            verify_hashes=not args.no_verify,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from mllm.cli import UserError
-from mllm.cli.options import add_image_root, add_trust_remote_code
+from mllm.cli.options import add_image_root, add_no_verify, add_trust_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true")
     add_trust_remote_code(p)
+    add_no_verify(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             load_4bit=args.load_4bit,
             merge_adapters=not args.keep_adapters,
             trust_remote_code=args.trust_remote_code,
+            verify_hashes=not args.no_verify,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mllm.cli import UserError
-from mllm.cli.options import add_trust_remote_code
+from mllm.cli.options import add_no_verify, add_trust_remote_code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype of the export"
     )
     add_trust_remote_code(p)
+    add_no_verify(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             full_precision_base=True,
             trust_remote_code=args.trust_remote_code,
+            verify_hashes=not args.no_verify,
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None

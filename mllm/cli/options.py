@@ -1,4 +1,4 @@
-"""Command-line options shared by the commands that load a checkpoint (chat, eval, export, serve): one definition each."""
+"""Command-line options shared by the commands that load a checkpoint or read data (chat, eval, export, serve, data): one definition each."""
 
 from __future__ import annotations
 
@@ -26,4 +26,15 @@ def add_image_root(p: argparse.ArgumentParser) -> None:
         dest="image_root",
         help="folder the data's image paths resolve against (default: the recipe's image_root; for a bare "
         ".json/.jsonl file, its own folder); paths may not leave it",
+    )
+
+
+def add_no_verify(p: argparse.ArgumentParser) -> None:
+    """`--no-verify` (→ `args.no_verify`): skip hashing the checkpoint's weight files against its manifest."""
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not check the checkpoint's weight files against the hashes recorded when they were saved "
+        "(hashing adds ~10%% to reading them; see README, Reliability). Sizes are still checked, and "
+        "every weight must still be finite",
     )

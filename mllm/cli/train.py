@@ -17,11 +17,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mllm.cli import UserError
     from mllm.train import resolve_config, train
     from mllm.train.distributed import quiet_library_deprecations
+    from mllm.train.nonfinite import NonFiniteTraining
     from mllm.train.stop import exit_code
 
     quiet_library_deprecations()
 
     options = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("command", "debug")})
-    return exit_code(train(resolve_config(options)))
+    try:
+        return exit_code(train(resolve_config(options)))
+    except NonFiniteTraining as e:
+        if args.debug:
+            raise
+        raise UserError(str(e)) from None

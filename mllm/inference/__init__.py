@@ -18,6 +18,7 @@ def load_pretrained(
     full_precision_base: bool = False,
     merge_adapters: bool = False,
     trust_remote_code: bool = False,
+    verify_hashes: bool = True,
 ):
     """A checkpoint (or a training output directory: its newest complete checkpoint) → `(model, processor)`.
 
@@ -28,6 +29,8 @@ def load_pretrained(
     ignored for checkpoints without adapters and for 4-bit bases, whose merged weights would be rounded.
     `trust_remote_code` (the user's `--trust-remote-code`) lets the backbone folders' own Python code run; the
     checkpoint's saved config never turns it on.
+    `verify_hashes=False` skips checking the weight files against their recorded hashes (`--no-verify`); their
+    values are checked finite either way.
     """
     from mllm.checkpoint import load_checkpoint
 
@@ -38,6 +41,7 @@ def load_pretrained(
         load_4bit=load_4bit,
         full_precision_base=full_precision_base,
         trust_remote_code=trust_remote_code,
+        verify_hashes=verify_hashes,
     )
     if merge_adapters and model.config.llm.mode == "lora":
         from mllm.export.merge import merge_lora

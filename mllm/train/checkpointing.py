@@ -27,10 +27,12 @@ import torch
 from mllm.checkpoint import (
     DISCARD_PREFIX,
     CheckpointError,
+    check_finite,
     discard,
     latest_checkpoint,
     list_checkpoints,
     mark_complete,
+    nonfinite_tensors,
     publish,
     trainable_state_dicts,
     verify,
@@ -97,11 +99,19 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist.save_engine_state(engine, tmp)
-    torch.save({"rng": rng_state(), "sampler": stream_state}, tmp / rank_state_file(world.rank))
     trainable = [p for p in model.parameters() if p.requires_grad]
     with dist.gathered(trainable):
         weights = trainable_state_dicts(model) if world.is_main else None
+    bad = [f"{c}.{k}" for c, sd in weights.items() for k in nonfinite_tensors(sd)] if world.is_main else []
+    if dist.any_rank(bool(bad), world.device):  # every rank refuses together; the older checkpoints stay
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"refusing to write checkpoint-{step}: trainable weights are not finite ({bad[:3] or 'found by rank 0'}); "
+            f"the newest checkpoint stays {latest_checkpoint(out)}"
+        )
+    dist.save_engine_state(engine, tmp)
+    torch.save({"rng": rng_state(), "sampler": stream_state}, tmp / rank_state_file(world.rank))
     if world.is_main:
         adapter_config = (
             model.llm.peft_config["default"] if model.config.llm.mode in ("lora", "qlora") else None
@@ -149,17 +159,28 @@ def saved_step(checkpoint: Path) -> int:
 
 
 def find_resume_point(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to continue from, per --resume (auto | latest | no | a path)."""
+    """The checkpoint to continue from, per --resume (auto | latest | no | a path). Every file it holds is checked
+    against its recorded hash (unless --no-verify): a damaged newest one is skipped with a warning (auto,
+    latest), a damaged one named by path is an error naming the file."""
     if cfg.resume == "no":
         return None
+    hashed = () if cfg.no_verify else "all"
     if cfg.resume in ("auto", "latest"):
-        found = latest_checkpoint(cfg.output)
+        found = latest_checkpoint(cfg.output, hashed)
         if found is None and cfg.resume == "latest":
             raise FileNotFoundError(f"--resume: {cfg.output} holds no complete checkpoint to continue from")
         return found
     path = Path(cfg.resume)
-    verify(path)
+    verify(path, hashed)
     return path
+
+
+def check_finite_weights(model, checkpoint: Path) -> None:
+    """Raise `CheckpointError` naming `checkpoint` and the tensor if a trainable weight just restored from it is
+    NaN/Inf (a collective call under ZeRO-3: every rank gathers, every rank checks the same values)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with dist.gathered([p for _, p in named]):
+        check_finite({n: p.detach() for n, p in named}, checkpoint / dist.ENGINE_TAG)
 
 
 def restore(engine, world: dist.World, checkpoint: Path, stream) -> dict[str, Any]:

@@ -129,6 +129,12 @@ class TrainConfig:
     their causal kernels, skipping the score blocks above the diagonal; false = an explicit padding mask."""
     log_every: int = 1
     """Refresh the progress bar every N steps (metrics.jsonl always gets every step)."""
+    max_skipped_steps: int = 5
+    """A step whose loss or gradient norm is NaN/Inf (on any rank) is skipped and logged; this many skipped in a
+    row stop the run (nothing saved after them)."""
+    no_verify: bool = False
+    """Resume / --init-from without checking the checkpoint's files against the hashes recorded when they were
+    saved (sizes are still checked, weights still must be finite)."""
 
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):
@@ -172,6 +178,7 @@ class TrainConfig:
             (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
             (self.save_every >= 0 and self.keep_last >= 0, "save_every and keep_last must be >= 0"),
             (self.log_every >= 1 and self.num_workers >= 0, "log_every must be >= 1 and num_workers >= 0"),
+            (self.max_skipped_steps >= 1, "max_skipped_steps must be >= 1"),
             (
                 self.lora_r >= 1 and 0 <= self.lora_dropout < 1,
                 "lora_r must be >= 1 and lora_dropout in [0, 1)",

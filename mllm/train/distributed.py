@@ -246,13 +246,28 @@ def initialize(model: nn.Module, optimizer, scheduler, ds: dict[str, Any]):
     return engine
 
 
-def backward(engine, loss: torch.Tensor) -> None:
+def backward(engine, loss: torch.Tensor, discard: bool = False) -> None:
+    """Back-propagate `loss`; `discard=True` (on the last micro-batch of a step) makes the step a no-op.
+
+    DeepSpeed's ZeRO optimizers (stages 1-3) discard a step whose global gradient norm is not finite: gradients
+    zeroed, no parameter, optimizer-state or lr-scheduler change, `engine.skipped_steps` + 1, micro-step
+    counters as after any step (the path fp16 loss scaling takes on an overflow). A non-finite gradient already
+    goes there; to discard a step whose loss is non-finite but whose gradient is not, its gradient is made NaN.
+    `step_applied` tells afterwards whether the step was discarded.
+    """
+    if discard:
+        loss = loss * float("nan")
     # Our loss is already normalised by the tokens of the whole accumulated batch: no extra 1/grad_accum.
     engine.backward(loss, scale_wrt_gas=False)
 
 
 def step(engine) -> None:
     engine.step()
+
+
+def step_applied(engine) -> bool:
+    """Whether the optimizer step that just ended changed the weights (False: discarded as non-finite)."""
+    return engine.was_step_applied()
 
 
 def grad_norm(engine) -> float | None:

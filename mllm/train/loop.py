@@ -18,15 +18,14 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors.torch import load_file
 
-from mllm.checkpoint import read_config
+from mllm.checkpoint import latest_checkpoint, read_config, read_weights, verify
 from mllm.config import ModelConfig
 from mllm.data.recipe import data_fingerprint
 from mllm.model import build_model, load_tokenizer, resolve_runtime
 from mllm.model.runtime import training_attention
 from mllm.model.trainability import format_parameter_table, parameter_table
-from mllm.train import checkpointing, preflight
+from mllm.train import checkpointing, nonfinite, preflight
 from mllm.train import distributed as dist
 from mllm.train.batches import BatchStream, TrainData, build_train_data, supervised_tokens, train_recipe
 from mllm.train.config import TrainConfig, save_yaml
@@ -54,6 +53,8 @@ class Session:
     grad_accum: int
     data_fingerprint: str
     """`mllm.data.recipe.data_fingerprint` of the run's data, saved in each checkpoint; resuming compares it."""
+    skips: nonfinite.Skips
+    fault: nonfinite.Fault | None = None
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def setup(cfg: TrainConfig) -> Session:
     model = build_model(mcfg, runtime)
     log.info("parameters:\n%s", format_parameter_table(parameter_table(model)))
     if cfg.init_from:
-        load_stage1_connector(model, cfg.init_from)
+        load_stage1_connector(model, cfg.init_from, verify_hashes=not cfg.no_verify)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = load_tokenizer(mcfg)
@@ -125,12 +126,13 @@ def setup(cfg: TrainConfig) -> Session:
     optimizer = dist.make_optimizer(param_groups(model, cfg), ds, cfg.weight_decay)
     engine = dist.initialize(model, optimizer, make_scheduler(optimizer, cfg, total_steps), ds)
     stream = BatchStream(data)
-    state = {"step": 0, "samples": 0, "tokens": 0}
+    state = {"step": 0, "samples": 0, "tokens": 0, "skipped_steps": 0}
     transformers.set_seed(cfg.seed + world.rank)  # dropout differs per rank, repeats per seed
     if resume_from is not None:
         state.update(checkpointing.restore(engine, world, resume_from, stream))
         # on this run's schedule: --max-steps / --epochs (the run's length) may have changed
         schedule_from(engine.lr_scheduler, state["step"])
+        checkpointing.check_finite_weights(model, resume_from)
         log.info("resumed from %s at step %d (epoch %.3f)", resume_from, state["step"], stream.epoch_progress)
     if world.is_main:
         save_yaml(cfg, out / RUN_CONFIG_FILE)
@@ -138,7 +140,11 @@ def setup(cfg: TrainConfig) -> Session:
             "stage %d: %d steps × %d micro-batches of %d × %d process(es); ZeRO-%d; %s",
             cfg.stage, total_steps, grad_accum, cfg.micro_batch_size, world.size, dist.zero_stage(ds), runtime.describe(),
         )  # fmt: skip
-    return Session(cfg, world, model, engine, data, stream, state, total_steps, grad_accum, fingerprint)
+    skips = nonfinite.Skips(cfg.max_skipped_steps)
+    fault = nonfinite.Fault.from_env()
+    return Session(
+        cfg, world, model, engine, data, stream, state, total_steps, grad_accum, fingerprint, skips, fault
+    )
 
 
 def use_training_attention(model, cfg: TrainConfig, runtime, data: TrainData):
@@ -169,7 +175,7 @@ def fit(s: Session) -> dict[str, Any]:
     }
     if stopped_by:
         extra["stopped_by"] = stopped_by
-        if s.world.is_main:
+        if s.world.is_main and stopped_by != nonfinite.STOPPED:
             log.warning(
                 "stopped by %s at step %d of %d; %s is complete: run the same command again to continue",
                 stopped_by, state["step"], s.total_steps, last_saved,
@@ -177,6 +183,8 @@ def fit(s: Session) -> dict[str, Any]:
     if skipped and s.world.is_main:
         log.warning("skipped %d bad sample(s); every one and why: %s", len(skipped), s.data.dataset.skip_log)
     summary = progress.finish(extra)
+    if stopped_by == nonfinite.STOPPED:
+        raise nonfinite.NonFiniteTraining(s.skips.message(latest_checkpoint(s.cfg.output)))
     if s.world.is_main:
         log.info(format_summary(summary))
     return summary
@@ -189,10 +197,12 @@ def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path |
     last_saved, stopped_by = None, None
     while state["step"] < s.total_steps and stopped_by is None:
         lr = s.engine.lr_scheduler.get_last_lr()[-1]  # the lr this step uses (the scheduler moves after it)
-        record = train_step(s.engine, s.stream, s.world, s.grad_accum)
+        record = train_step(s.engine, s.stream, s.world, s.grad_accum, state["step"] + 1, s.fault)
         state["step"] += 1
         state["samples"] += record["samples"]
         state["tokens"] += record["tokens"]
+        state["skipped_steps"] += record["skipped"] is not None
+        s.skips.update(state["step"], record["skipped"], record["sample_ids"], s.world.rank)
         progress.step(
             state["step"],
             record["loss"],
@@ -201,7 +211,11 @@ def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path |
             record["samples"],
             record["tokens"],
             s.stream.epoch_progress,
+            skipped=record["skipped"],
+            skipped_steps=state["skipped_steps"],
         )
+        if s.skips.exhausted:  # the same on every rank: stop before anything is saved
+            return last_saved, nonfinite.STOPPED
         if dist.any_rank(stop.requested, s.world.device):  # a save is collective: all ranks stop together
             stopped_by = signal_name(stop.signal)
         due = state["step"] == s.total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0)
@@ -214,8 +228,17 @@ def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path |
     return last_saved, stopped_by
 
 
-def train_step(engine, stream: BatchStream, world: dist.World, grad_accum: int) -> dict[str, Any]:
-    """One optimizer step over `grad_accum` micro-batches; returns the step's loss, samples and tokens (all ranks)."""
+def train_step(
+    engine,
+    stream: BatchStream,
+    world: dist.World,
+    grad_accum: int,
+    step: int,
+    fault: nonfinite.Fault | None = None,
+) -> dict[str, Any]:
+    """Optimizer step `step` over `grad_accum` micro-batches; returns the step's loss, samples and tokens (all
+    ranks), the sample ids of this rank's micro-batches, and what made the step skip (None: it was applied).
+    `fault` is the test hook of `nonfinite.FAULT_ENV`."""
     batches = [stream.next() for _ in range(grad_accum)]
     counts = [supervised_tokens(b) for b in batches]
     # rows of samples: a skipped bad sample has none, and a blank image row (see BlankImageRow) is no sample
@@ -223,17 +246,25 @@ def train_step(engine, stream: BatchStream, world: dist.World, grad_accum: int) 
     total_tokens, total_samples = dist.all_reduce_sum([sum(counts), samples], world.device)
     # DeepSpeed averages gradients over processes; × world size turns that back into a sum over all tokens.
     scale = world.size / max(total_tokens, 1.0)
-    loss_sum = 0.0
-    for batch in batches:  # (one whose samples were all bad is a blank row alone: a pass that learns nothing)
+    loss_sum, discard = 0.0, False
+    # (a micro-batch whose samples were all bad is a blank row alone: a pass that learns nothing)
+    for i, batch in enumerate(batches):
         out = engine(**_to_device(batch, world.device))
-        dist.backward(engine, out.loss_sum * scale)
+        loss = fault.apply(out.loss_sum, step, world.rank) if fault else out.loss_sum
+        loss_sum += float(loss.detach())
+        if i == len(batches) - 1:  # a non-finite loss on any rank discards the step on every rank
+            discard = dist.any_rank(not math.isfinite(loss_sum), world.device)
+        dist.backward(engine, loss * scale, discard=discard)
         dist.step(engine)
-        loss_sum += float(out.loss_sum.detach())
-    (global_loss_sum,) = dist.all_reduce_sum([loss_sum], world.device)
+    global_loss_sum, not_applied = dist.all_reduce_sum(
+        [loss_sum, float(not dist.step_applied(engine))], world.device
+    )
     return {
         "loss": global_loss_sum / max(total_tokens, 1.0),
         "samples": int(total_samples),
         "tokens": int(total_tokens),
+        "sample_ids": [list(b["sample_ids"]) for b in batches],
+        "skipped": nonfinite.skip_reason(discard, not_applied > 0),
     }
 
 
@@ -286,9 +317,13 @@ def fill_from_init(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def load_stage1_connector(model, init_from: str) -> None:
+def load_stage1_connector(model, init_from: str, verify_hashes: bool = True) -> None:
+    """Load the connector of the stage-1 checkpoint `init_from` into `model` (hash-checked unless told not to,
+    every tensor finite)."""
     path = Path(read_config(init_from)["_path"])
-    weights = load_file(str(path / "connector.safetensors"))
+    if verify_hashes:
+        verify(path, hashed=["connector.safetensors"])
+    weights = read_weights(path / "connector.safetensors")
     try:
         model.connector.load_state_dict(weights)
     except RuntimeError as e:
@@ -303,6 +338,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "data",  # the path: what counts is the data's content, compared by its fingerprint
     "image_root", "init_from", "output", "resume", "save_every", "keep_last", "log_every", "num_workers",
     "trust_remote_code", "grad_checkpointing", "attention", "pad_to_multiple_of", "causal_kernel",
+    "no_verify", "max_skipped_steps",  # how a checkpoint is checked on load; when a run of bad steps stops it
 })  # fmt: skip
 """Run settings a resumed run may change: its length, where things are, and how (not what) it computes. Every other
 setting (learning rates, schedule, accumulation, batch, model, data selection, seed …) is refused by name."""

@@ -44,7 +44,11 @@ class Progress:
         samples: int,
         tokens: int,
         epoch: float,
+        skipped: str | None = None,
+        skipped_steps: int = 0,
     ) -> dict:
+        """Record one step. `skipped`: what made it skip (`loss`, `gradient norm`) or None; `skipped_steps`: how many
+        steps the run has skipped so far."""
         now = time.perf_counter()
         dt, self.last = max(now - self.last, 1e-9), now
         self.samples += samples
@@ -57,6 +61,8 @@ class Progress:
             "samples_per_s": samples / dt,
             "tokens_per_s": tokens / dt,
             "epoch": round(epoch, 4),
+            "skipped": skipped,
+            "skipped_steps": skipped_steps,
             "rss_mb": round(
                 psutil.Process().memory_info().rss / 2**20, 1
             ),  # this process; watch it for leaks
@@ -151,6 +157,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         "seconds",
         "first_loss",
         "final_loss",
+        "skipped_steps",
         "samples_per_s",
         "tokens_per_s",
         "checkpoint",

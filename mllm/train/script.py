@@ -26,10 +26,11 @@ def main(stage: int, description: str | None = None, argv: list[str] | None = No
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_library_deprecations()
     from mllm.train.loop import train
+    from mllm.train.nonfinite import NonFiniteTraining
 
     try:
         summary = train(resolve_config(args, stage=stage))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteTraining) as e:
         if debug:
             raise
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
