@@ -135,10 +135,8 @@ class MixtureBatchSampler:
         if self._cache is None or self._cache[0] != epoch:
             everything = self._global_batches(epoch)
             rest = everything[self.origin[1] :] if epoch == self.origin[0] else everything
-            short = -len(rest) % self.world_size
-            rest = rest + [
-                everything[i % len(everything)] for i in range(short)
-            ]  # every rank gets as many steps
+            short = -len(rest) % self.world_size  # padded so that every rank gets as many steps
+            rest = rest + [everything[i % len(everything)] for i in range(short)]
             self._cache = (epoch, rest[self.rank :: self.world_size], len(everything))
         return self._cache[1]
 
