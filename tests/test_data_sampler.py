@@ -137,3 +137,26 @@ def test_token_budget_per_micro_batch(group_by_length):
         )
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
         MixtureBatchSampler(ds, 16, seed=2, max_tokens=0)
+
+
+@pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2), (2, 3)])
+def test_resume_on_another_world_size_continues_the_same_global_order(saved, resumed):
+    """The global order does not depend on the world size; a resume on another one deals out what is left of it."""
+    ds = fake_dataset([60, 40], weights=None)
+    everything = MixtureBatchSampler(ds, 4, seed=5).batches(0)  # one rank sees the global order
+    old = [MixtureBatchSampler(ds, 4, seed=5, rank=r, world_size=saved) for r in range(saved)]
+    iterators = [iter(sampler) for sampler in old]
+    seen = [next(it) for _step in range(3) for it in iterators]
+    assert seen == everything[: 3 * saved]
+    state = old[-1].state_dict()
+    assert state["global_position"] == 3 * saved
+
+    new = [MixtureBatchSampler(ds, 4, seed=5, rank=r, world_size=resumed) for r in range(resumed)]
+    for sampler in new:
+        sampler.load_state_dict(state)
+    dealt = [batch for step in zip(*[list(sampler) for sampler in new], strict=True) for batch in step]
+    assert dealt[: len(everything) - 3 * saved] == everything[3 * saved :]
+    assert len(dealt) - (len(everything) - 3 * saved) < resumed  # padding only to even out the ranks
+    assert [list(sampler) for sampler in new] == [
+        MixtureBatchSampler(ds, 4, seed=5, rank=r, world_size=resumed).batches(1) for r in range(resumed)
+    ]

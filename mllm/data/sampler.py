@@ -9,10 +9,12 @@ Per epoch (a pure function of seed and epoch):
    cut it into micro-batches (similar lengths → little padding); with a token
    budget, a micro-batch takes as many samples (up to micro_batch_size) as fit
    rows × its longest sample ≤ max_tokens, so short samples come many at a time;
-4. shuffle all micro-batches, put the longest first (out-of-memory shows at step 1),
-   pad the count to a multiple of world_size, and deal them out round-robin to ranks.
-The position inside the epoch is saved in `state_dict()`, so a resumed run
-continues with exactly the batches it would have seen.
+4. shuffle all micro-batches and put the longest first (out-of-memory shows at step 1): the epoch's global
+   order, the same for every world size;
+5. pad the count to a multiple of world_size and deal them out round-robin to ranks.
+The global position inside the epoch is saved in `state_dict()`, so a resumed run continues with exactly the
+batches it would have seen, on any number of processes: a run resumed on another world size deals out the rest
+of the same global order (nothing already trained on comes again, nothing is left out).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import numpy as np
 
 MEGABATCH_FACTOR = 64
-"""Mega-batch = this many micro-batches per rank: enough to group lengths, small enough to stay random."""
+"""Mega-batch = this many micro-batches: enough to group lengths, small enough to stay random. Not scaled by the
+world size, so that the global order does not depend on it."""
 
 
 class MixtureBatchSampler:
@@ -61,7 +64,11 @@ class MixtureBatchSampler:
         """Micro-batches of this epoch already handed out on this rank."""
         self.start_position = 0
         """Where the current iteration (re)started: after a resume, batches before it were consumed earlier."""
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self.origin = (0, 0)
+        """(epoch, global micro-batches of it trained on before this run): a resume point. Dealing out that epoch
+        starts there, so that it continues the same global order whatever world size wrote the checkpoint."""
+        self._cache: tuple[int, list[list[int]], int] | None = None
+        """(epoch, this rank's micro-batches of it from the resume point on, global micro-batches in it)"""
 
     # ---- the epoch's batches ----------------------------------------------------------------------
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
@@ -100,7 +107,7 @@ class MixtureBatchSampler:
         pool = rng.permutation(pool)
         if not self.group_by_length:
             return self._cut(pool)
-        mega = self.micro_batch_size * self.world_size * MEGABATCH_FACTOR
+        mega = self.micro_batch_size * MEGABATCH_FACTOR
         batches = []
         for m in range(0, len(pool), mega):
             chunk = pool[m : m + mega]
@@ -120,15 +127,17 @@ class MixtureBatchSampler:
                 range(len(batches)), key=lambda i: (int(self.lengths[batches[i]].max()), len(batches[i]))
             )
             batches.insert(0, batches.pop(longest))
-        short = -len(batches) % self.world_size
-        batches += [batches[i % len(batches)] for i in range(short)]  # every rank gets as many steps
         return batches
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
-        """This rank's micro-batches of `epoch` (default: the current one)."""
+        """This rank's micro-batches of `epoch` (default: the current one), from the resume point on in its epoch."""
         epoch = self.epoch if epoch is None else epoch
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, self._global_batches(epoch)[self.rank :: self.world_size])
+            everything = self._global_batches(epoch)
+            rest = everything[self.origin[1] :] if epoch == self.origin[0] else everything
+            short = -len(rest) % self.world_size  # padded so that every rank gets as many steps
+            rest = rest + [everything[i % len(everything)] for i in range(short)]
+            self._cache = (epoch, rest[self.rank :: self.world_size], len(everything))
         return self._cache[1]
 
     # ---- iteration and resumption -----------------------------------------------------------------
@@ -148,14 +157,20 @@ class MixtureBatchSampler:
             yield batches[self.position - 1]
 
     def __len__(self) -> int:
-        return len(self.batches())
+        """Micro-batches per rank in a whole epoch (the epoch a resume continues may have fewer left)."""
+        self.batches()
+        return -(-self._cache[2] // self.world_size)
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """The exact position. With a prefetching DataLoader pass `consumed`: micro-batches of this epoch
-        actually trained on (counted from the epoch's start, i.e. `start_position` + steps since iterating)."""
+        actually trained on by this rank (`start_position` + steps since iterating). `global_position` counts
+        them over all ranks, from the epoch's start: what a resume on any world size continues from."""
+        position = self.position if consumed is None else consumed
+        before = self.origin[1] if self.epoch == self.origin[0] else 0
         return {
             "epoch": self.epoch,
-            "position": self.position if consumed is None else consumed,
+            "position": position,
+            "global_position": before + position * self.world_size,
             "seed": self.seed,
             "micro_batch_size": self.micro_batch_size,
             "world_size": self.world_size,
@@ -166,14 +181,16 @@ class MixtureBatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("seed", "micro_batch_size", "world_size", "num_samples", "group_by_length", "max_tokens"):
+        for key in ("seed", "micro_batch_size", "num_samples", "group_by_length", "max_tokens"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"cannot resume the data sampler: {key} was {state.get(key)} and is now {mine[key]}; "
-                    "the same data, seed, micro-batch size, token budget and world size are needed to continue with the "
+                    "the same data, seed, micro-batch size and token budget are needed to continue with the "
                     "same batches"
                 )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.position = int(state["epoch"]), 0
+        self.origin = (self.epoch, int(state.get("global_position", state["position"] * state["world_size"])))
+        self._cache = None
 
 
 def _largest_remainder(shares: np.ndarray) -> list[int]:

@@ -179,12 +179,14 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data.sampler.load_state_dict(state)
         self._it = None
-        self._epoch, self._consumed = int(state["epoch"]), int(state["position"])
+        self._epoch, self._consumed = self.data.sampler.epoch, self.data.sampler.position
 
     @property
     def epoch_progress(self) -> float:
         """Epochs done, as a fraction (for logs)."""
-        return self._epoch + self._consumed / max(1, len(self.data.sampler))
+        sampler = self.data.sampler
+        done = sampler.state_dict(consumed=self._consumed)["global_position"]
+        return self._epoch + min(1.0, done / max(1, len(sampler) * sampler.world_size))
 
 
 def supervised_tokens(batch: dict[str, Any]) -> int:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+SLOW_SAVE_ENV = "MLLM_TEST_SLOW_SAVE_S"
+"""Test hook, read only by `save`: every rank waits this many seconds inside each save, before the checkpoint is
+marked complete (tests of a SIGTERM that arrives while a long save is under way). Unset in real runs."""
 
 
 def rank_state_file(rank: int) -> str:
@@ -112,6 +117,8 @@ def save(
         )
     dist.save_engine_state(engine, tmp)
     torch.save({"rng": rng_state(), "sampler": stream_state}, tmp / rank_state_file(world.rank))
+    # test hook: a save that takes long (see SLOW_SAVE_ENV)
+    time.sleep(float(os.environ.get(SLOW_SAVE_ENV, "0")))
     if world.is_main:
         adapter_config = (
             model.llm.peft_config["default"] if model.config.llm.mode in ("lora", "qlora") else None
@@ -183,16 +190,48 @@ def check_finite_weights(model, checkpoint: Path) -> None:
         check_finite({n: p.detach() for n, p in named}, checkpoint / dist.ENGINE_TAG)
 
 
+def saved_world_size(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / TRAINER_STATE).read_text())["world_size"])
+
+
 def restore(engine, world: dist.World, checkpoint: Path, stream) -> dict[str, Any]:
-    """Load engine, RNG and sampler state of `checkpoint`; returns its trainer state."""
+    """Load engine, RNG and sampler state of `checkpoint`; returns its trainer state.
+
+    Written by as many processes as this run has, everything is restored exactly. Written by another number,
+    see `restore_resharded`."""
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
     if state["world_size"] != world.size:
-        raise ValueError(
-            f"{checkpoint} was written by {state['world_size']} process(es), this run has {world.size}: "
-            "resume with the same number of processes to continue with the same data order"
-        )
+        restore_resharded(engine, world, checkpoint, stream, state["world_size"])
+        return state
     dist.load_engine_state(engine, checkpoint)
     mine = torch.load(checkpoint / rank_state_file(world.rank), weights_only=True)
     stream.load_state_dict(mine["sampler"])
     set_rng_state(mine["rng"])
     return state
+
+
+def restore_resharded(engine, world: dist.World, checkpoint: Path, stream, saved_world_size: int) -> None:
+    """Continue on `world.size` processes a checkpoint written by `saved_world_size` (elastic resume).
+
+    The engine state goes through DeepSpeed's universal checkpoint (converted once, by rank 0, into a scratch
+    folder beside the checkpoint, removed after loading): fp32 weights, Adam moments and step, scheduler.
+    The data continue at the same global sample position (every rank of the old run had trained on the
+    same number of micro-batches; rank 0's state says where all stand). The RNG streams are not carried over:
+    there were `saved_world_size` of them; each rank keeps the one seeded for it (seed + rank).
+    The engine must have been made with `dist.expect_universal_checkpoint`."""
+    scratch = checkpoint.parent / f"{TMP_PREFIX}universal-{checkpoint.name}"
+    if world.is_main:
+        log.info(
+            "%s was written by %d process(es); resharding it for %d", checkpoint, saved_world_size, world.size
+        )
+        shutil.rmtree(scratch, ignore_errors=True)
+        dist.make_universal(checkpoint, scratch)
+    dist.barrier()
+    try:
+        dist.load_engine_state(engine, scratch)
+        first = torch.load(checkpoint / rank_state_file(0), weights_only=True)
+        stream.load_state_dict(first["sampler"])
+        dist.barrier()
+    finally:
+        if world.is_main:
+            shutil.rmtree(scratch, ignore_errors=True)

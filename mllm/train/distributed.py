@@ -326,6 +326,34 @@ def save_engine_state(engine, checkpoint_dir: Path) -> None:
     )
 
 
+def expect_universal_checkpoint(ds: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config of an engine that will load a universal checkpoint (see `make_universal`)."""
+    ds = copy.deepcopy(ds)
+    ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def make_universal(checkpoint_dir: Path, into: Path) -> None:
+    """Convert `checkpoint_dir/engine`, partitioned for the world size that wrote it, into DeepSpeed's universal
+    checkpoint `into/engine`: per parameter its fp32 value and Adam moments, whole, loadable by any number of
+    processes (an engine made with `expect_universal_checkpoint`). One process runs it, the others wait."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(checkpoint_dir / ENGINE_TAG),
+        output_folder=str(into / ENGINE_TAG),
+        num_extract_workers=1,  # in this process: no worker pool to spawn
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our engines record no Megatron-style parallelism info: there is none
+    )
+    with contextlib.redirect_stdout(None):  # its progress lines; errors still raise
+        ds_to_universal.main(args)
+
+
 def load_engine_state(engine, checkpoint_dir: Path) -> None:
     """Restore what `save_engine_state` wrote; the frozen backbones come from their own files, not from here."""
     path, _ = engine.load_checkpoint(

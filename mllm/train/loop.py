@@ -123,6 +123,8 @@ def setup(cfg: TrainConfig) -> Session:
         runtime.dtype == torch.bfloat16,
         model.llm.config.hidden_size,
     )
+    if resume_from is not None and checkpointing.saved_world_size(resume_from) != world.size:
+        ds = dist.expect_universal_checkpoint(ds)  # elastic resume: see checkpointing.restore_resharded
     optimizer = dist.make_optimizer(param_groups(model, cfg), ds, cfg.weight_decay)
     engine = dist.initialize(model, optimizer, make_scheduler(optimizer, cfg, total_steps), ds)
     stream = BatchStream(data)

@@ -50,21 +50,18 @@ class StopRequest:
         self._previous.clear()
 
 
-WORKER_GRACE_S = 15
-"""After SIGTERM a DataLoader worker keeps serving this long: the step under way may still need its batches."""
-
-
 def defer_stop_signals(_worker_id: int | None = None) -> None:
-    """DataLoader `worker_init_fn`. Schedulers signal every process of a job at once; a worker that died at once
-    would fail the step under way (torch raises in the training process wherever it is, even mid-update). So
-    a worker answers SIGTERM by ending WORKER_GRACE_S seconds later, or sooner when its training process
-    closes the loader after saving."""
+    """DataLoader `worker_init_fn`: a worker ignores SIGTERM and leaves stopping to its training process.
+
+    Schedulers (Slurm, Kubernetes) signal every process of a job at once. A worker that ended on SIGTERM, at
+    once or after a grace period, would make torch raise "DataLoader worker ... exited unexpectedly" in the
+    training process wherever it is, even in the middle of the checkpoint that the same SIGTERM asked for.
+    The training process got the signal too (or a peer rank did, and tells it): it saves, then shuts its
+    workers down through their queues. A worker whose training process died still ends by itself: torch's
+    worker loop checks that its parent lives every few seconds.
+    """
     for sig in STOP_SIGNALS:
-        signal.signal(sig, _end_after_grace)
-
-
-def _end_after_grace(signum, frame) -> None:
-    signal.alarm(WORKER_GRACE_S)  # SIGALRM's default action ends the process
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def exit_code(summary: dict[str, Any]) -> int:
