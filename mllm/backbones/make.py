@@ -123,3 +123,31 @@ def make_all(
     for fam in llms:
         paths[fam] = make_llm(fam, os.path.join(out, f"llm-{fam}"), size)
     return paths
+
+
+_BERT_WORDS = (
+    "a an the is it in on of what which shape color colour there image photo picture red blue green yellow "
+    "gray black white circle square triangle rectangle yes no how many describe"
+).split()
+
+
+def make_bert(out: str, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> str:
+    """Write a tiny random BERT (uncased WordPiece tokenizer over a few words) to `out`: a Q-Former init."""
+    os.makedirs(out, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_BERT_WORDS, *"abcdefghijklmnopqrstuvwxyz?.,"]
+    tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.BertModel(config)
+        with torch.no_grad():  # nonzero token-type embeddings, so a mapping that drops them shows
+            model.embeddings.token_type_embeddings.weight.normal_(0, 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
