@@ -293,3 +293,32 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(backbones,
     a, b = losses(tmp_path / "reference"), losses(out)
     assert sorted(b) == list(range(1, 13))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_instruction_aware_qformer_trains_end_to_end(backbones, tiny_bert, colours, tmp_path):
+    """Stage 2 InstructBLIP-style (the question enters a text-aware Q-Former started from a BERT): batches carry
+    the instruction ids, the checkpoint keeps the Q-Former's tokenizer, generation reads them."""
+    from mllm.checkpoint import QFORMER_TOKENIZER_DIR
+    from mllm.inference import Conversation, Processor, generate_batch
+
+    qformer = dict(connector="qformer", num_queries=4, qformer_text=True, qformer_init=tiny_bert)
+    s2 = config(backbones, colours, tmp_path / "s2", stage=2, instruction_aware=True, **qformer)
+    session = setup(dataclasses.replace(s2, llm_mode="lora", lora_r=2, lora_alpha=4, max_steps=2))
+    batch = session.data.loader.collate_fn([session.data.dataset[0], session.data.dataset[1]])
+    assert batch["qformer_input_ids"].shape[0] == 2 and batch["qformer_attention_mask"].sum() > 2
+    tok = session.model.connector.tokenizer
+    assert tok.decode(batch["qformer_input_ids"][0], skip_special_tokens=True) == "what colour is this?"
+    assert fit(session)["step"] == 2
+
+    ckpt = latest_checkpoint(tmp_path / "s2")
+    assert (ckpt / QFORMER_TOKENIZER_DIR / "tokenizer_config.json").is_file()
+    model, saved = load_checkpoint(ckpt)
+    processor = Processor.from_checkpoint(model, saved)
+    image = Image.new("RGB", (32, 32), COLOURS["red"])
+    a = processor([Conversation.single("What colour is this?", [image])])
+    b = processor([Conversation.single("Is it a circle?", [image])])
+    with torch.no_grad():
+        va, vb = (model.encode_images(x["pixel_values"], None, x["qformer_input_ids"]) for x in (a, b))
+    assert not torch.allclose(va, vb, atol=1e-6), "the instruction steers the visual tokens"
+    assert isinstance(generate_batch(model, processor, [Conversation.single("Colour?", [image])])[0], str)

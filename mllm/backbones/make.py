@@ -126,7 +126,7 @@ def make_all(
 
 
 _BERT_WORDS = (
-    "a an the is it in on of what which shape color colour there image photo picture red blue green yellow "
+    "a an the is it this in on of what which shape color colour there image photo picture red blue green yellow "
     "gray black white circle square triangle rectangle yes no how many describe"
 ).split()
 
