@@ -28,7 +28,8 @@ class VisionConfig:
     path: str = ""
     """HF model id or directory (any transformers vision model), or a path for other kinds."""
     kind: str = "hf"
-    """Tower implementation from the `mllm.vision` registry: `hf` or `efficientnet-lite0`."""
+    """Tower implementation from the `mllm.vision` registry: `hf`, `blip2` (a BLIP-2 / InstructBLIP checkpoint's
+    vision model, its last hidden state whole) or `efficientnet-lite0`."""
     feature_layer: int = -2
     """Hidden-state layer whose patch features feed the connector (`hf` towers)."""
     pool: int = 1
