@@ -133,3 +133,33 @@ def test_import_refuses_what_is_not_blip2(backbones, tmp_path, capsys):
 
     assert main(["import", backbones["clip"], str(tmp_path / "out")]) == 2
     assert "mllm imports ['blip-2', 'instructblip']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_text_aware_qformer_exports_to_blip2_without_its_text_half(sources, tmp_path):
+    """A text-aware Q-Former that is not instruction-aware is BLIP-2's: its text half is dropped on export."""
+    import json
+
+    import transformers
+
+    from mllm.checkpoint import CONFIG_FILE, mark_complete
+    from mllm.cli import main
+    from mllm.inference import load_pretrained
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", sources["instructblip"], str(ckpt)]) == 0
+    saved = json.loads((ckpt / CONFIG_FILE).read_text())
+    saved["model"]["connector"]["instruction_aware"] = False
+    (ckpt / CONFIG_FILE).write_text(json.dumps(saved))
+    mark_complete(ckpt)
+    model, processor = load_pretrained(str(ckpt))
+    assert model.connector.text_aware and not model.connector.instruction_aware
+    batch, ours, answer = _ours(model, processor, make_image(5, size=32))
+    assert main(["export", str(ckpt), str(tmp_path / "hf"), "--format", "hf-blip2"]) == 0
+    hf = transformers.Blip2ForConditionalGeneration.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32
+    ).eval()
+    assert not hf.config.qformer_config.use_qformer_text_input
+    theirs, text = _theirs(hf, batch, processor.tokenizer, batch["input_ids"].shape[1])
+    assert (theirs[..., : ours.shape[-1]] - ours).abs().max().item() <= 1e-4
+    assert text == answer
