@@ -7,6 +7,7 @@ Layout of a checkpoint directory::
     adapter/                LoRA / QLoRA adapters (peft layout), when the LLM was adapted
     llm.safetensors         full LLM weights, when the LLM was trained in full
     vision.safetensors      when the vision tower was trained
+    qformer_tokenizer/      the text-aware Q-Former's own tokenizer, when it has one
     COMPLETE                written last: the manifest of every file, its size and its xxh3-128 hash
 
 A directory is written under a temporary name and renamed into place only
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "mllm_config.json"
 COMPLETE_FILE = "COMPLETE"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 DISCARD_PREFIX = ".deleting-"
 """A checkpoint being deleted is renamed to this prefix first; leftovers are removed when a run starts."""
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -122,8 +124,12 @@ def write_model_files(
     weights: dict[str, dict[str, torch.Tensor]],
     meta: dict[str, Any] | None = None,
     adapter_config=None,
+    connector_tokenizer=None,
 ) -> None:
-    """Write the weights and config of a checkpoint into `directory` (no COMPLETE marker yet)."""
+    """Write the weights and config of a checkpoint into `directory` (no COMPLETE marker yet).
+
+    `connector_tokenizer`: the connector's own tokenizer (a text-aware Q-Former's), saved beside its weights.
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     for component, sd in weights.items():
@@ -139,6 +145,8 @@ def write_model_files(
                 adapter_config.save_pretrained(str(d / "adapter"))
         else:
             save_file(sd, str(d / f"{component}.safetensors"))
+    if connector_tokenizer is not None:
+        connector_tokenizer.save_pretrained(str(d / QFORMER_TOKENIZER_DIR))
     config = {"format_version": FORMAT_VERSION, "model": model_config.to_dict(), **(meta or {})}
     (d / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
 
@@ -303,6 +311,10 @@ def load_checkpoint(
     ):
         if name not in registry and not (what == "vision tower" and name == "efficientnet-lite0"):
             raise CheckpointError(f"{d}: unknown {what} {name!r} in {CONFIG_FILE}; known: {registry.names()}")
+    # The Q-Former's sizes are saved explicit and its weights are in connector.safetensors: no BERT needed.
+    mcfg.connector.qformer_init = ""
+    if (d / QFORMER_TOKENIZER_DIR).is_dir():
+        mcfg.connector.qformer_tokenizer = str(d / QFORMER_TOKENIZER_DIR)
     if dtype:
         mcfg.dtype = dtype
     trained_mode = mcfg.llm.mode

@@ -28,7 +28,8 @@ class VisionConfig:
     path: str = ""
     """HF model id or directory (any transformers vision model), or a path for other kinds."""
     kind: str = "hf"
-    """Tower implementation from the `mllm.vision` registry: `hf` or `efficientnet-lite0`."""
+    """Tower implementation from the `mllm.vision` registry: `hf`, `blip2` (a BLIP-2 / InstructBLIP checkpoint's
+    vision model, its last hidden state whole) or `efficientnet-lite0`."""
     feature_layer: int = -2
     """Hidden-state layer whose patch features feed the connector (`hf` towers)."""
     pool: int = 1
@@ -58,6 +59,25 @@ class ConnectorConfig:
     """For `qformer` / `resampler`: internal width (0 = the vision feature width)."""
     num_heads: int = 8
     """For `qformer` / `resampler`: attention heads (must divide hidden_size)."""
+    intermediate_size: int = 0
+    """For `qformer`: feed-forward width (0 = 4 × hidden_size)."""
+    cross_attention_frequency: int = 1
+    """For `qformer`: a cross-attention to the image features every N layers (BLIP-2: 2)."""
+    qformer_text: bool = False
+    """For `qformer`: text-aware Q-Former — queries and text tokens share self-attention (BERT-style, with a word
+    embedding table and a text feed-forward beside the queries' own); false = queries only."""
+    qformer_init: str = ""
+    """For `qformer`: a BERT-architecture HF checkpoint (path or id) whose embeddings, self-attention and
+    feed-forward weights start the Q-Former (cross-attention stays random); its config sets the Q-Former's shape
+    and its tokenizer becomes the Q-Former's. Empty = random initialisation."""
+    qformer_tokenizer: str = ""
+    """For a text-aware `qformer`: the tokenizer of its text (path or id); empty = `qformer_init`'s."""
+    vocab_size: int = 0
+    """For a text-aware `qformer`: rows of its word-embedding table (0 = the tokenizer's size)."""
+    instruction_aware: bool = False
+    """For a text-aware `qformer` (InstructBLIP): the user turn's text enters the Q-Former beside the queries."""
+    instruction_max_tokens: int = 128
+    """Instruction tokens kept (Q-Former tokenizer) when `instruction_aware`."""
 
     def __post_init__(self):
         if self.kind == "mlp" and not (
@@ -66,6 +86,22 @@ class ConnectorConfig:
             raise ValueError(f"connector.projector must be 'linear' or 'mlpNx_gelu', got {self.projector!r}")
         if self.num_queries < 1 or self.num_layers < 1:
             raise ValueError("connector.num_queries and connector.num_layers must be >= 1")
+        if self.instruction_aware and not (self.kind == "qformer" and self.qformer_text):
+            raise ValueError(
+                "connector.instruction_aware needs the text-aware Q-Former (connector qformer with qformer_text)"
+            )
+        if (self.qformer_text or self.qformer_init) and self.kind != "qformer":
+            raise ValueError(
+                f"qformer_text / qformer_init are settings of the qformer connector, not {self.kind!r}"
+            )
+        if (
+            self.cross_attention_frequency < 1
+            or self.intermediate_size < 0
+            or self.instruction_max_tokens < 1
+        ):
+            raise ValueError(
+                "connector.cross_attention_frequency and instruction_max_tokens must be >= 1, intermediate_size >= 0"
+            )
 
 
 @dataclass

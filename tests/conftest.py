@@ -36,3 +36,11 @@ def tiny_config(backbones):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """Directory of a tiny random BERT with its WordPiece tokenizer (a Q-Former init)."""
+    from mllm.backbones import make_bert
+
+    return make_bert(str(tmp_path_factory.mktemp("bert")))

@@ -27,7 +27,14 @@ def make_checkpoint(
             edit(model)
     adapter = model.llm.peft_config["default"] if cfg.llm.mode in ("lora", "qlora") else None
     meta = {"template": template, "system_prompt": system_prompt, "max_length": 512}
-    write_model_files(directory, cfg, trainable_state_dicts(model), meta=meta, adapter_config=adapter)
+    write_model_files(
+        directory,
+        model.config,
+        trainable_state_dicts(model),
+        meta=meta,
+        adapter_config=adapter,
+        connector_tokenizer=getattr(model.connector, "tokenizer", None),
+    )
     mark_complete(directory)
     return str(directory)
 

@@ -389,3 +389,77 @@ def test_resume_refuses_changed_maths_by_name(tmp_path):
         ValueError, match=f"data contents of {data} \\(fingerprint {fingerprint} → {edited}\\)"
     ):
         check_resumable(cfg, ckpt, edited)
+
+
+@pytest.mark.slow
+def test_instruction_aware_qformer_trains_end_to_end(backbones, tiny_bert, colours, tmp_path):
+    """Stage 2 InstructBLIP-style (the question enters a text-aware Q-Former started from a BERT): batches carry
+    the instruction ids, the checkpoint keeps the Q-Former's tokenizer, generation reads them."""
+    from mllm.checkpoint import QFORMER_TOKENIZER_DIR
+    from mllm.inference import Conversation, Processor, generate_batch
+
+    qformer = dict(connector="qformer", num_queries=4, qformer_text=True, qformer_init=tiny_bert)
+    s2 = config(backbones, colours, tmp_path / "s2", stage=2, instruction_aware=True, **qformer)
+    session = setup(dataclasses.replace(s2, llm_mode="lora", lora_r=2, lora_alpha=4, max_steps=1))
+    batch = session.data.loader.collate_fn([session.data.dataset[0], session.data.dataset[1]])
+    assert batch["qformer_input_ids"].shape[0] == 2 and batch["qformer_attention_mask"].sum() > 2
+    tok = session.model.connector.tokenizer
+    assert tok.decode(batch["qformer_input_ids"][0], skip_special_tokens=True) == "what colour is this?"
+    assert fit(session)["step"] == 1
+
+    ckpt = latest_checkpoint(tmp_path / "s2")
+    assert (ckpt / QFORMER_TOKENIZER_DIR / "tokenizer_config.json").is_file()
+    model, saved = load_checkpoint(ckpt)
+    processor = Processor.from_checkpoint(model, saved)
+    image = Image.new("RGB", (32, 32), COLOURS["red"])
+    a = processor([Conversation.single("What colour is this?", [image])])
+    b = processor([Conversation.single("Is it a circle?", [image])])
+    with torch.no_grad():
+        va, vb = (model.encode_images(x["pixel_values"], None, x["qformer_input_ids"]) for x in (a, b))
+    assert not torch.allclose(va, vb, atol=1e-6), "the instruction steers the visual tokens"
+    assert isinstance(generate_batch(model, processor, [Conversation.single("Colour?", [image])])[0], str)
+
+
+@pytest.mark.slow
+def test_a_transformers_blip2_fine_tunes_with_lora_and_exports_back(backbones, colours, tmp_path):
+    """`mllm import` a tiny transformers BLIP-2 → stage 2 LoRA from it → `mllm export --format hf-blip2`: the
+    transformers model computes the fine-tuned checkpoint's logits."""
+    import transformers
+
+    from mllm.backbones.make import make_blip2
+    from mllm.cli import main
+    from mllm.config import IMAGE_TOKEN_ID
+    from mllm.inference import Conversation, load_pretrained
+
+    source = make_blip2(str(tmp_path / "blip2"), backbones["llama"])
+    assert main(["import", source, str(tmp_path / "imported")]) == 0
+    cfg = config(
+        backbones, colours, tmp_path / "ft", stage=2, init_from=str(tmp_path / "imported"), vision="", llm=""
+    )
+    summary, changed, _ = run_and_diff(
+        dataclasses.replace(cfg, llm_mode="lora", lora_r=2, lora_alpha=4, max_steps=1)
+    )
+    assert (
+        summary["step"] == 1
+        and any("lora_" in n for n in changed)
+        and any("connector.qformer" in n for n in changed)
+    )
+    assert main(["export", str(tmp_path / "ft"), str(tmp_path / "hf"), "--format", "hf-blip2"]) == 0
+
+    model, processor = load_pretrained(str(tmp_path / "ft"))
+    batch = processor(
+        [Conversation.single("What colour is this?", [Image.new("RGB", (32, 32), COLOURS["red"])])]
+    )
+    hf = transformers.Blip2ForConditionalGeneration.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32
+    ).eval()
+    ids = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, hf.config.image_token_id)
+    with torch.no_grad():
+        ours = model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_counts")},
+            return_logits=True,
+        ).logits
+        theirs = hf(
+            input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+        ).logits
+    assert (theirs[..., : ours.shape[-1]] - ours).abs().max().item() <= 1e-4

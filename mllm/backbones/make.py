@@ -123,3 +123,74 @@ def make_all(
     for fam in llms:
         paths[fam] = make_llm(fam, os.path.join(out, f"llm-{fam}"), size)
     return paths
+
+
+_BERT_WORDS = (
+    "a an the is it this in on of what which shape color colour there image photo picture red blue green yellow "
+    "gray black white circle square triangle rectangle yes no how many describe"
+).split()
+
+
+def make_bert(out: str, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> str:
+    """Write a tiny random BERT (uncased WordPiece tokenizer over a few words) to `out`: a Q-Former init."""
+    os.makedirs(out, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_BERT_WORDS, *"abcdefghijklmnopqrstuvwxyz?.,"]
+    tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.BertModel(config)
+        with torch.no_grad():  # nonzero token-type embeddings, so a mapping that drops them shows
+            model.embeddings.token_type_embeddings.weight.normal_(0, 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_blip2(out: str, llm_dir: str, qformer_tokenizer_dir: str | None = None, seed: int = 0) -> str:
+    """Write a tiny random transformers BLIP-2 (or, with `qformer_tokenizer_dir`, InstructBLIP) directory to `out`,
+    with its processor: the tiny LLM of `llm_dir` as its language model, "<image>" added to its tokenizer."""
+    tok = transformers.AutoTokenizer.from_pretrained(llm_dir)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    text_config = transformers.AutoConfig.from_pretrained(llm_dir)
+    text_config.vocab_size = len(tok)
+    text_config.tie_word_embeddings = False  # a head of its own, sharpened below
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    vision |= dict(image_size=32, patch_size=8)
+    qformer = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    qformer |= dict(encoder_hidden_size=32, cross_attention_frequency=2)
+    common = dict(
+        text_config=text_config.to_dict(),
+        num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    image_processor = transformers.BlipImageProcessor(size={"height": 32, "width": 32})
+    if qformer_tokenizer_dir is None:
+        config = transformers.Blip2Config(vision_config=vision, qformer_config=qformer, **common)
+        cls = transformers.Blip2ForConditionalGeneration
+        processor = transformers.Blip2Processor(image_processor, tok, num_query_tokens=4)
+    else:
+        qtok = transformers.AutoTokenizer.from_pretrained(qformer_tokenizer_dir)
+        qformer["vocab_size"] = len(qtok)
+        config = transformers.InstructBlipConfig(vision_config=vision, qformer_config=qformer, **common)
+        cls = transformers.InstructBlipForConditionalGeneration
+        processor = transformers.InstructBlipProcessor(image_processor, tok, qtok, num_query_tokens=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+        with torch.no_grad():  # sharper than the 0.02 init, so that the LLM's outputs depend on the image
+            for name, p in model.named_parameters():
+                if not name.startswith("language_model."):
+                    p.add_(torch.randn_like(p) * 0.05).mul_(4)
+            model.language_model.get_output_embeddings().weight.normal_(
+                0, 1
+            )  # peaked logits: greedy text varies
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -18,7 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("mllm.cli.chat", "chat with a trained checkpoint (interactive or one-shot)"),
     "serve": ("mllm.cli.serve", "serve a checkpoint: OpenAI-compatible API and a web chat page"),
     "eval": ("mllm.cli.eval", "evaluate a checkpoint on question-answer or caption data"),
-    "export": ("mllm.cli.export", "merge LoRA, or export to the transformers LLaVA format"),
+    "export": (
+        "mllm.cli.export",
+        "merge LoRA, or export to the transformers LLaVA / BLIP-2 / InstructBLIP format",
+    ),
+    "import": ("mllm.cli.import_hf", "a transformers BLIP-2 / InstructBLIP checkpoint → an mllm checkpoint"),
     "demo": ("mllm.cli.demo", "the offline two-stage demo on real pretrained backbones"),
 }
 

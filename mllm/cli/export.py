@@ -1,4 +1,4 @@
-"""`mllm export CKPT OUT --merge-lora | --format hf-llava`."""
+"""`mllm export CKPT OUT --merge-lora | --format hf-llava | hf-blip2 | hf-instructblip`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from mllm.cli.options import add_no_verify, add_trust_remote_code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mllm.export import EXPORT_FORMATS
+
     p.add_argument(
         "checkpoint", help="checkpoint directory (or a training output directory: its newest checkpoint)"
     )
@@ -21,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     what.add_argument(
         "--format",
-        choices=["hf-llava"],
-        help="hf-llava: a transformers LlavaForConditionalGeneration + processor directory (mlp2x_gelu connector, HF vision tower)",
+        choices=EXPORT_FORMATS.names(),
+        help="; ".join(f"{name}: {EXPORT_FORMATS.get(name).help}" for name in EXPORT_FORMATS.names()),
     )
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights dtype of the export"
@@ -35,16 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mllm.checkpoint import CheckpointError, read_config
     from mllm.config import ModelConfig
-    from mllm.export import (
-        ExportError,
-        check_exportable,
-        export_hf_llava,
-        merge_lora,
-        write_merged_checkpoint,
-    )
+    from mllm.export import EXPORT_FORMATS, ExportError, merge_lora, write_merged_checkpoint
     from mllm.export.jinja import template_jinja
     from mllm.inference import load_pretrained
 
+    fmt = EXPORT_FORMATS.get(args.format) if args.format else None
     try:
         saved = read_config(args.checkpoint)
         mode = saved["model"]["llm"]["mode"]
@@ -52,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"the checkpoint's LLM is trained in mode {mode!r}: it has no LoRA adapters to merge"
             )
-        if args.format == "hf-llava":
-            check_exportable(ModelConfig.from_dict(saved["model"]))  # refuse before seconds of loading
+        if fmt is not None:
+            fmt.check(ModelConfig.from_dict(saved["model"]))  # refuse before seconds of loading
         # A QLoRA checkpoint's adapters are merged into the full-precision base, never into 4-bit weights.
         model, processor = load_pretrained(
             args.checkpoint,
@@ -72,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             out = write_merged_checkpoint(model, processor.config, args.out)
         else:
             jinja = template_jinja(processor.template, processor.tokenizer)
-            out = export_hf_llava(model, processor.config, processor.tokenizer, jinja, args.out)
+            out = fmt.write(model, processor.config, processor.tokenizer, jinja, args.out)
     except ExportError as e:
         raise UserError(str(e)) from None
     print(out)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from mllm.data.encode import IGNORE_INDEX
+from mllm.data.instruction import encode_instructions
 
 
 def round_up(width: int, multiple: int) -> int:
@@ -24,7 +25,14 @@ class Collator:
     blocks above the diagonal instead of computing every block and masking it.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1, mask_free: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int = 1,
+        mask_free: bool = False,
+        instruction_tokenizer=None,
+        instruction_max_tokens: int = 128,
+    ):
         if pad_token_id is None or pad_token_id < 0:
             raise ValueError(f"pad_token_id must be a real token id, got {pad_token_id}")
         if pad_to_multiple_of < 1:
@@ -32,6 +40,10 @@ class Collator:
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mask_free = mask_free
+        self.instruction_tokenizer = instruction_tokenizer
+        """When set (an instruction-aware Q-Former's tokenizer), batches also carry each image's instruction ids
+        `qformer_input_ids` / `qformer_attention_mask` [I, L] (items bring their `instruction` text)."""
+        self.instruction_max_tokens = instruction_max_tokens
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         items = [it for it in items if it is not None]
@@ -54,7 +66,9 @@ class Collator:
             labels[b, :n] = it["labels"]
             attention_mask[b, :n] = 1
         pixels = [it["pixel_values"] for it in items if it["pixel_values"].shape[0] > 0]
+        extra = self._instructions(items) if self.instruction_tokenizer is not None else {}
         return {
+            **extra,
             "input_ids": input_ids,
             "attention_mask": None if self.mask_free else attention_mask,
             "labels": labels,
@@ -62,3 +76,12 @@ class Collator:
             "image_counts": torch.tensor([it["pixel_values"].shape[0] for it in items], dtype=torch.long),
             "sample_ids": [it["id"] for it in items],
         }
+
+    def _instructions(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+        texts = [
+            it["instruction"] for it in items for _ in range(it["pixel_values"].shape[0])
+        ]  # one per image
+        if not texts:
+            return {"qformer_input_ids": None, "qformer_attention_mask": None}
+        ids, mask = encode_instructions(self.instruction_tokenizer, texts, self.instruction_max_tokens)
+        return {"qformer_input_ids": ids, "qformer_attention_mask": mask}

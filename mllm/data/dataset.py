@@ -22,6 +22,7 @@ from PIL import Image
 
 from mllm.data.encode import ConversationEncoder
 from mllm.data.errors import BadSampleError
+from mllm.data.instruction import instruction_text
 from mllm.data.recipe import Recipe, SourceSpec
 from mllm.data.scan import SampleReader, ScanResult, cached_length_scan
 from mllm.data.sources import open_source
@@ -136,6 +137,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),
             "pixel_values": pixels,
+            "instruction": instruction_text(sample.messages),  # read only by an instruction-aware Q-Former
             "id": sample.id,
             "source": self.source_names[item.source],
             "index": item.index,

@@ -20,6 +20,7 @@ from mllm.data.dataset import Preprocess
 from mllm.data.encode import ConversationEncoder
 from mllm.data.errors import BadSampleError
 from mllm.data.images import open_image
+from mllm.data.instruction import instruction_text
 from mllm.data.recipe import Recipe
 from mllm.data.sample import validate
 from mllm.data.sources import source_format
@@ -96,6 +97,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),
             "pixel_values": pixels,
+            "instruction": instruction_text(sample.messages),  # read only by an instruction-aware Q-Former
             "id": sample.id,
             "source": name,
             "index": n,

@@ -39,7 +39,10 @@ def write_merged_checkpoint(model, config: dict, out: str | os.PathLike) -> Path
         raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
     meta = {k: v for k, v in config.items() if k not in _RUN_KEYS_DROPPED}
     meta["merged_from"] = config.get("_path")
-    write_model_files(out, model.config, trainable_state_dicts(model), meta=meta)
+    tokenizer = getattr(model.connector, "tokenizer", None)
+    write_model_files(
+        out, model.config, trainable_state_dicts(model), meta=meta, connector_tokenizer=tokenizer
+    )
     mark_complete(out)
     log.info("wrote merged checkpoint %s (llm mode full)", out)
     return out

@@ -85,7 +85,10 @@ def generate_batch(
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
     input_ids = batch["input_ids"].to(device)
-    embeds = model.embed(input_ids, pixel_values, batch["image_counts"])  # [B, T, D]
+    instruction = {
+        k: batch[k].to(device) for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch
+    }
+    embeds = model.embed(input_ids, pixel_values, batch["image_counts"], **instruction)  # [B, T, D]
     new_ids = model.llm.generate(
         inputs_embeds=embeds,
         attention_mask=batch["attention_mask"].to(device),

@@ -15,6 +15,7 @@ from PIL import Image
 
 from mllm.config import IMAGE_PLACEHOLDER
 from mllm.data.encode import ConversationEncoder
+from mllm.data.instruction import encode_instructions, instruction_text
 from mllm.inference.images import as_image
 
 Message = dict[str, str]
@@ -38,7 +39,8 @@ class Conversation:
 
 
 class Processor:
-    """Turns `Conversation`s into `input_ids` / `attention_mask` / `pixel_values` / `image_counts`."""
+    """Turns `Conversation`s into `input_ids` / `attention_mask` / `pixel_values` / `image_counts` (and, for an
+    instruction-aware Q-Former, `qformer_input_ids` / `qformer_attention_mask`)."""
 
     def __init__(
         self,
@@ -49,6 +51,8 @@ class Processor:
         system_prompt: str | None = None,
         max_length: int | None = None,
         config: dict | None = None,
+        instruction_tokenizer=None,
+        instruction_max_tokens: int = 128,
     ):
         self.config = config or {}
         """The checkpoint's saved config (template, run settings), when built from one."""
@@ -59,6 +63,10 @@ class Processor:
         self.image_tokens = image_tokens
         self.system_prompt = system_prompt
         self.max_length = max_length
+        self.instruction_tokenizer = instruction_tokenizer
+        """An instruction-aware Q-Former's tokenizer: batches then carry each image's instruction ids (the last user
+        turn's text, `mllm.data.instruction`)."""
+        self.instruction_max_tokens = instruction_max_tokens
 
     @classmethod
     def from_checkpoint(cls, model, config: dict[str, Any]) -> Processor:
@@ -73,6 +81,10 @@ class Processor:
             system_prompt=config.get("system_prompt"),
             max_length=config.get("max_length"),
             config=config,
+            instruction_tokenizer=model.connector.tokenizer
+            if model.config.connector.instruction_aware
+            else None,
+            instruction_max_tokens=model.config.connector.instruction_max_tokens,
         )
 
     @property
@@ -104,7 +116,7 @@ class Processor:
         return sorted(i for i in ids if i is not None)
 
     def __call__(self, conversations: list[Conversation]) -> dict[str, torch.Tensor]:
-        rows, images, counts = [], [], []
+        rows, images, counts, instructions = [], [], [], []
         for i, conv in enumerate(conversations):
             placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in conv.messages)
             if placeholders != len(conv.images):
@@ -121,14 +133,21 @@ class Processor:
             rows.append(ids)
             images.extend(as_image(im) for im in conv.images)
             counts.append(len(conv.images))
+            instructions.extend([instruction_text(conv.messages)] * len(conv.images))
         width = max(len(r) for r in rows)
         # Left padding: every row's last prompt token sits at the same position, where generation continues.
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         pixel_values = self.vision.preprocess(images) if images else None
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": mask,
             "pixel_values": pixel_values,
             "image_counts": torch.tensor(counts, dtype=torch.long),
         }
+        if self.instruction_tokenizer is not None and instructions:
+            ids, imask = encode_instructions(
+                self.instruction_tokenizer, instructions, self.instruction_max_tokens
+            )
+            batch.update(qformer_input_ids=ids, qformer_attention_mask=imask)
+        return batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -53,6 +54,8 @@ def build_model(
     llm.config.use_cache = False
     connector = build_connector(cfg.connector, vision.hidden_size, vision.num_tokens, llm.config.hidden_size)
     connector.to(torch.float32)
+    # A connector that resolves sizes from elsewhere (a Q-Former's BERT init) states them: the checkpoint saves those.
+    cfg = dataclasses.replace(cfg, connector=getattr(connector, "config", cfg.connector))
     model = MultimodalLM(cfg, vision, connector, llm)
     if trainable:
         apply_trainability(model)

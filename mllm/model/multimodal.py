@@ -40,9 +40,17 @@ class MultimodalLM(nn.Module):
         return self.connector.num_tokens
 
     def encode_images(
-        self, pixel_values: torch.Tensor | None, features: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None,
+        features: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Images [I, 3, H, W] (or their precomputed tower features [I, N, Dv]) → visual tokens [I, K, D_llm]."""
+        """Images [I, 3, H, W] (or their precomputed tower features [I, N, Dv]) → visual tokens [I, K, D_llm].
+
+        An instruction-aware Q-Former also reads each image's instruction: `qformer_input_ids` / `_attention_mask`
+        [I, T], in its own tokenizer's ids; other connectors never see them.
+        """
         train_vision = self.config.vision.trainable == "full"
         if features is None:
             with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
@@ -52,6 +60,8 @@ class MultimodalLM(nn.Module):
                 "precomputed vision features cannot train the vision tower (vision.trainable=full)"
             )
         cdtype = next(self.connector.parameters()).dtype
+        if getattr(self.connector, "instruction_aware", False):
+            return self.connector(features.to(cdtype), qformer_input_ids, qformer_attention_mask)
         return self.connector(features.to(cdtype))  # [I, K, D_llm]
 
     def embed(
@@ -61,10 +71,13 @@ class MultimodalLM(nn.Module):
         image_counts: torch.Tensor | None = None,
         sample_ids: list | None = None,
         features: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids [B, T] (image positions = IMAGE_TOKEN_ID) → input embeddings [B, T, D].
 
         `features` [I, N, Dv] (e.g. from `mllm.vision.cache`) replace `pixel_values` for a frozen tower.
+        `qformer_input_ids` / `qformer_attention_mask` [I, L]: each image's instruction (see `encode_images`).
         """
         is_image = input_ids == IMAGE_TOKEN_ID  # [B, T]
         text_ids = input_ids.masked_fill(is_image, 0)
@@ -73,7 +86,8 @@ class MultimodalLM(nn.Module):
         self._check_image_positions(is_image, images, image_counts, sample_ids)
         if images is None or images.shape[0] == 0:
             return embeds
-        visual = self.encode_images(pixel_values, features).to(embeds.dtype)  # [I, K, D]
+        visual = self.encode_images(pixel_values, features, qformer_input_ids, qformer_attention_mask)
+        visual = visual.to(embeds.dtype)  # [I, K, D]
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual)  # row-major: image i fills its K slots
 
     def _check_image_positions(self, is_image, pixel_values, image_counts, sample_ids) -> None:
@@ -108,9 +122,19 @@ class MultimodalLM(nn.Module):
         return_logits: bool = False,
         features: torch.Tensor | None = None,
         loss_chunk_size: int | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         **llm_kwargs,
     ) -> MultimodalOutput:
-        embeds = self.embed(input_ids, pixel_values, image_counts, sample_ids, features)  # [B, T, D]
+        embeds = self.embed(
+            input_ids,
+            pixel_values,
+            image_counts,
+            sample_ids,
+            features,
+            qformer_input_ids,
+            qformer_attention_mask,
+        )  # [B, T, D]
         hidden = self.llm.get_decoder()(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

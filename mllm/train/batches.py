@@ -47,6 +47,8 @@ class BlankImageRow:
     pad_token_id: int
     image_tokens: int
     pixel_shape: tuple[int, ...]
+    instruction_pad_id: int | None = None
+    """An instruction-aware Q-Former's pad id: the blank image then gets an empty instruction."""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if batch["pixel_values"] is not None and batch["pixel_values"].shape[0] > 0:
@@ -65,8 +67,15 @@ class BlankImageRow:
         if batch["attention_mask"] is not None:
             attention_mask = widen(batch["attention_mask"], 0)
             attention_mask[rows, : self.image_tokens] = 1
+        instruction = {}
+        if self.instruction_pad_id is not None:
+            instruction = {
+                "qformer_input_ids": torch.full((1, 1), self.instruction_pad_id, dtype=torch.long),
+                "qformer_attention_mask": torch.zeros((1, 1), dtype=torch.long),
+            }
         return {
             **batch,
+            **instruction,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": widen(batch["labels"], IGNORE_INDEX),
@@ -97,6 +106,8 @@ def build_train_data(
     if rank == 0 and found_while_reading:  # DataLoader workers append the ones they meet
         with open(dataset.skip_log, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in found_while_reading)
+    # An instruction-aware Q-Former reads each image's instruction in its own tokenizer's ids.
+    instruction_tokenizer = model.connector.tokenizer if model.config.connector.instruction_aware else None
     sampler = MixtureBatchSampler(
         dataset,
         cfg.micro_batch_size,
@@ -111,7 +122,11 @@ def build_train_data(
         dataset,
         batch_sampler=sampler,
         collate_fn=Collator(
-            tokenizer.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of, mask_free=cfg.causal_kernel
+            tokenizer.pad_token_id,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
+            mask_free=cfg.causal_kernel,
+            instruction_tokenizer=instruction_tokenizer,
+            instruction_max_tokens=model.config.connector.instruction_max_tokens,
         ),
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
@@ -126,7 +141,12 @@ def build_train_data(
         dataset,
         sampler,
         loader,
-        BlankImageRow(tokenizer.pad_token_id, model.num_image_tokens, pixel_shape),
+        BlankImageRow(
+            tokenizer.pad_token_id,
+            model.num_image_tokens,
+            pixel_shape,
+            instruction_tokenizer.pad_token_id if instruction_tokenizer is not None else None,
+        ),
     )
 
 

@@ -123,7 +123,14 @@ def save(
         adapter_config = (
             model.llm.peft_config["default"] if model.config.llm.mode in ("lora", "qlora") else None
         )
-        write_model_files(tmp, model.config, weights, meta=meta, adapter_config=adapter_config)
+        write_model_files(
+            tmp,
+            model.config,
+            weights,
+            meta=meta,
+            adapter_config=adapter_config,
+            connector_tokenizer=getattr(model.connector, "tokenizer", None),
+        )
         (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "world_size": world.size}, indent=1))
     dist.barrier()
     if world.is_main:

@@ -62,6 +62,15 @@ class TrainConfig:
     """For qformer / resampler: internal width (0 = the vision feature width)."""
     connector_heads: int = 8
     """For qformer / resampler: attention heads (must divide the width)."""
+    qformer_text: bool = False
+    """For qformer: the text-aware Q-Former (queries and text share self-attention, BERT-style); off = queries only."""
+    qformer_init: str = ""
+    """For qformer: a BERT-architecture checkpoint (path or id) that initialises the Q-Former — its shape, weights
+    (cross-attention stays random) and tokenizer; e.g. all-MiniLM-L6-v2. Empty = random."""
+    qformer_tokenizer: str = ""
+    """For a text-aware qformer without --qformer-init: its tokenizer (path or id)."""
+    instruction_aware: bool = False
+    """For a text-aware qformer (InstructBLIP): the user turn's text enters the Q-Former beside the queries."""
     data: str = ""
     """Data recipe (YAML) or a LLaVA-format .json / .jsonl file."""
     image_root: str = ""
@@ -224,6 +233,10 @@ class TrainConfig:
                 num_layers=self.connector_layers,
                 hidden_size=self.connector_width,
                 num_heads=self.connector_heads,
+                qformer_text=self.qformer_text,
+                qformer_init=self.qformer_init,
+                qformer_tokenizer=self.qformer_tokenizer,
+                instruction_aware=self.instruction_aware,
             ),
             llm=LLMConfig(
                 path=self.llm,

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import transformers
 
-from mllm.checkpoint import latest_checkpoint, read_config, read_weights, verify
-from mllm.config import ModelConfig
+from mllm.checkpoint import QFORMER_TOKENIZER_DIR, latest_checkpoint, read_config, read_weights, verify
+from mllm.config import ConnectorConfig, ModelConfig
 from mllm.data.recipe import data_fingerprint
 from mllm.model import build_model, load_tokenizer, resolve_runtime
 from mllm.model.runtime import training_attention
@@ -86,6 +86,8 @@ def setup(cfg: TrainConfig) -> Session:
 
     transformers.set_seed(cfg.seed)  # same connector initialisation on every rank
     mcfg = cfg.model_config()
+    if cfg.init_from:
+        mcfg.connector = stage1_connector_config(cfg)
     runtime = resolve_runtime(mcfg.dtype, mcfg.attn_implementation, str(world.device))
     model = build_model(mcfg, runtime)
     log.info("parameters:\n%s", format_parameter_table(parameter_table(model)))
@@ -314,9 +316,26 @@ def fill_from_init(cfg: TrainConfig) -> TrainConfig:
         connector_layers=saved.connector.num_layers,
         connector_width=saved.connector.hidden_size,
         connector_heads=saved.connector.num_heads,
+        qformer_text=saved.connector.qformer_text,
         llm=cfg.llm or saved.llm.path,
     )
     return TrainConfig(**values)
+
+
+def stage1_connector_config(cfg: TrainConfig) -> ConnectorConfig:
+    """The connector exactly as `--init-from` saved it (every size; its Q-Former tokenizer from that checkpoint).
+
+    Only whether the Q-Former reads the instruction is this run's choice: stage 1 captions have none to read.
+    """
+    saved = read_config(cfg.init_from)
+    connector = ModelConfig.from_dict(saved["model"]).connector
+    tokenizer_dir = Path(saved["_path"]) / QFORMER_TOKENIZER_DIR
+    return dataclasses.replace(
+        connector,
+        qformer_init="",  # its weights come from the checkpoint
+        qformer_tokenizer=str(tokenizer_dir) if tokenizer_dir.is_dir() else connector.qformer_tokenizer,
+        instruction_aware=cfg.instruction_aware,
+    )
 
 
 def load_stage1_connector(model, init_from: str, verify_hashes: bool = True) -> None:

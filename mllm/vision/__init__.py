@@ -7,10 +7,12 @@ import torch
 from mllm.config import VisionConfig
 from mllm.registry import Registry
 from mllm.vision.base import VisionTower
+from mllm.vision.blip2 import Blip2VisionTower
 from mllm.vision.hf import HFVisionTower
 
 VISION_TOWERS: Registry = Registry("vision tower")
 VISION_TOWERS.register("hf")(HFVisionTower)
+VISION_TOWERS.register("blip2")(Blip2VisionTower)
 
 
 def build_vision_tower(

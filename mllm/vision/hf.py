@@ -20,7 +20,10 @@ _VISION_ONLY_CLASS = {
     "siglip": "SiglipVisionModel",
     "siglip2": "Siglip2VisionModel",
     "blip-2": "Blip2VisionModel",
+    "instructblip": "InstructBlipVisionModel",
 }
+# Where the vision half's weights sit in the composite, for classes that hold them at their top level.
+_VISION_KEY_MAPPING = {"blip-2": {r"^vision_model\.": ""}, "instructblip": {r"^vision_model\.": ""}}
 
 
 def _load_vision_model(path: str, dtype: torch.dtype, trust_remote_code: bool):
@@ -34,7 +37,9 @@ def _load_vision_model(path: str, dtype: torch.dtype, trust_remote_code: bool):
             )
         import transformers
 
-        return getattr(transformers, name).from_pretrained(path, dtype=dtype)
+        return getattr(transformers, name).from_pretrained(
+            path, dtype=dtype, key_mapping=_VISION_KEY_MAPPING.get(config.model_type)
+        )
     return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
