@@ -276,8 +276,8 @@ def signal_name(signum: int | None) -> str:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute, so that checkpoints and run_config.yaml work from any directory (hub ids stay)."""
     values = cfg.to_dict()
-    for key in ("vision", "llm", "data", "output", "zero", "init_from"):
-        if values[key] and (key == "output" or Path(values[key]).exists()):
+    for key in ("vision", "llm", "data", "output", "zero", "init_from", "feature_cache"):
+        if values[key] and (key in ("output", "feature_cache") or Path(values[key]).exists()):
             values[key] = str(Path(values[key]).expanduser().resolve())
     if values["resume"] not in ("auto", "latest", "no"):
         values["resume"] = str(Path(values["resume"]).expanduser().resolve())
