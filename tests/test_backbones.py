@@ -56,11 +56,15 @@ def test_runtime_resolution_is_explicit_and_overridable():
 
 
 def test_training_attention_is_eager_only_for_short_rows_on_a_cpu():
-    from mllm.model.runtime import EAGER_MAX_TOKENS, Runtime, training_attention
+    from mllm.model.runtime import EAGER_MAX_TOKENS, EAGER_MAX_TOKENS_COMPILED, Runtime, training_attention
 
     cpu = resolve_runtime("bf16", "auto", "cpu")
     assert training_attention("auto", cpu, 40) == training_attention("auto", cpu, EAGER_MAX_TOKENS) == "eager"
     assert training_attention("auto", cpu, EAGER_MAX_TOKENS + 1) == "sdpa"  # long rows: eager's scores lose
+    assert (
+        training_attention("auto", cpu, EAGER_MAX_TOKENS_COMPILED, compiled=True) == "eager"
+    )  # fused by inductor
+    assert training_attention("auto", cpu, EAGER_MAX_TOKENS_COMPILED + 1, compiled=True) == "sdpa"
     pinned = resolve_runtime("bf16", "sdpa", "cpu")
     assert training_attention("sdpa", pinned, 40) == "sdpa"  # asked for by name: kept
     gpu = Runtime(torch.bfloat16, "flash_attention_2", torch.device("cuda"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mllm.config import IMAGE_TOKEN_ID
-from mllm.data.packing import PackingCollator, pack_rows
+from mllm.data import PackingCollator, pack_rows
 from mllm.model import build_model
 
 PAD = 0

@@ -8,11 +8,11 @@ loader = DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad
 
 from __future__ import annotations
 
-from mllm.data.collate import Collator
+from mllm.data.collate import Collator, pack_rows
 from mllm.data.dataset import MultimodalDataset, build_dataset
 from mllm.data.encode import IGNORE_INDEX, ConversationEncoder, encode_conversation
 from mllm.data.errors import BadSampleError
-from mllm.data.packing import PackingCollator, causal_block_mask, pack_rows
+from mllm.data.packing import PackingCollator, causal_block_mask
 from mllm.data.recipe import Recipe, SourceSpec, load_recipe
 from mllm.data.sampler import MixtureBatchSampler
 from mllm.data.streaming import StreamingDataset, build_streaming_dataset

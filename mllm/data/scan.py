@@ -49,8 +49,12 @@ class SampleReader:
         sample = self.sample(si, idx)
         return sample, self.encoder.encode_full(sample.messages)
 
+    def image_root(self, si: int) -> str | None:
+        """Where source `si`'s relative image paths start: its own image_root, else the recipe's."""
+        return self.sources[si].spec.image_root or self.recipe.image_root
+
     def load_images(self, sample: Sample, n: int, si: int):
-        root = self.sources[si].spec.image_root or self.recipe.image_root
+        root = self.image_root(si)
         return [open_image(ref, root, self.recipe.max_image_pixels) for ref in sample.images[:n]]
 
     def locate(self, e: BadSampleError, si: int, idx: int) -> BadSampleError:

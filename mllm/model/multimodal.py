@@ -13,6 +13,10 @@ from mllm.vision.base import VisionTower
 
 IGNORE_INDEX = -100
 
+LOSS_CHUNK = 2048
+"""Default supervised positions per head + loss chunk (`MultimodalLM.loss_chunk_size`): bounds the logits kept
+for backward to LOSS_CHUNK × vocabulary."""
+
 
 @dataclass
 class MultimodalOutput(ModelOutput):  # a ModelOutput so that DeepSpeed's ZeRO-3 hooks can walk it
@@ -33,6 +37,9 @@ class MultimodalLM(nn.Module):
         self.vision = vision
         self.connector = connector
         self.llm = llm
+        self.loss_chunk_size: int | None = LOSS_CHUNK
+        """Supervised positions per head + loss chunk in `supervised_loss` (None = all at once); training sets it
+        from its run config, evaluation and benchmarks use the default: one loss path for all."""
 
     @property
     def num_image_tokens(self) -> int:
@@ -145,7 +152,8 @@ class MultimodalLM(nn.Module):
         logits = self.head(hidden) if return_logits else None
         if labels is None:
             return MultimodalOutput(logits=logits)
-        loss_sum, n = self.supervised_loss(hidden, labels, loss_chunk_size)
+        chunk = loss_chunk_size if loss_chunk_size is not None else self.loss_chunk_size
+        loss_sum, n = self.supervised_loss(hidden, labels, chunk)
         return MultimodalOutput(
             loss=loss_sum / n.clamp(min=1), loss_sum=loss_sum, num_tokens=n, logits=logits
         )

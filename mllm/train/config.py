@@ -130,9 +130,28 @@ class TrainConfig:
     max_tokens: int = 0
     """Token budget of a micro-batch (rows × its longest sample, image tokens included): as many length-grouped
     samples as fit, at most micro_batch_size; 0 = always micro_batch_size samples."""
-    pad_to_multiple_of: int = 1
+    pad_to_multiple_of: int = 16
     """Pad each micro-batch's rows to a multiple of this many tokens: few distinct shapes (on CPU, oneDNN keeps a
     matmul kernel per shape, and one per length grows memory), tensor-core friendly on GPU; 1 = no rounding."""
+    packing: Literal["auto", "on", "off"] = "auto"
+    """Sequence packing: several whole samples per row (first-fit-decreasing), position ids restarting per sample,
+    no attention across samples (flash-attn varlen on CUDA, an exact block-diagonal mask otherwise). auto = on."""
+    pack_row_tokens: int = 0
+    """Token budget of a packed row; 0 = the longest sample of its micro-batch (rows never grow longer than the
+    padded batch would be, so attention never costs more)."""
+    feature_cache: str = ""
+    """Directory of the on-disk frozen vision-feature cache: each image's tower features are computed once
+    (before the first step, counted in the run's time) and read from there ever after; keyed by the tower's
+    identity and weights, feature layer, preprocessing and the image's bytes. Empty = off. Not with --train-vision."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each LLM decoder layer (dynamic shapes) with an explicit attention mask on every batch.
+    auto = off (measured on this 2-core CPU it did not pay within a run; see the README's performance section)."""
+    loss_chunk_size: int = 2048
+    """The loss's vocabulary head runs over at most this many supervised positions at a time, each chunk's logits
+    recomputed in backward instead of kept (peak memory chunk × vocabulary); 0 = all at once. The logits are only
+    ever computed at supervised positions (image and prompt tokens never reach the head)."""
+    prefetch_factor: int = 4
+    """Micro-batches each DataLoader worker keeps ready ahead of the step (workers persist across epochs)."""
     causal_kernel: bool = True
     """Micro-batches carry no attention mask (right padding never precedes a real token), so SDPA / flash-attn run
     their causal kernels, skipping the score blocks above the diagonal; false = an explicit padding mask."""
@@ -176,6 +195,19 @@ class TrainConfig:
             ),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.pad_to_multiple_of >= 1, "pad_to_multiple_of must be >= 1 (1 = no rounding)"),
+            (
+                self.packing in ("auto", "on", "off") and self.compile in ("auto", "on", "off"),
+                f"packing and compile must be auto|on|off, got {self.packing!r} and {self.compile!r}",
+            ),
+            (
+                self.pack_row_tokens >= 0 and self.loss_chunk_size >= 0 and self.prefetch_factor >= 1,
+                "pack_row_tokens and loss_chunk_size must be >= 0 (0 = automatic / off), prefetch_factor >= 1",
+            ),
+            (
+                not (self.feature_cache and self.train_vision),
+                "--feature-cache serves a frozen tower's features; with --train-vision the tower changes every "
+                "step, so its features cannot be cached: drop one of the two",
+            ),
             (self.max_tokens >= 0, "max_tokens must be >= 0 (0 = no token budget)"),
             (
                 self.grad_accum >= 0 and self.global_batch_size >= 1,

@@ -21,13 +21,22 @@ import transformers
 
 from mllm.checkpoint import QFORMER_TOKENIZER_DIR, latest_checkpoint, read_config, read_weights, verify
 from mllm.config import ConnectorConfig, ModelConfig
+from mllm.data.collate import round_up
 from mllm.data.recipe import data_fingerprint
 from mllm.model import build_model, load_tokenizer, resolve_runtime
 from mllm.model.runtime import training_attention
 from mllm.model.trainability import format_parameter_table, parameter_table
 from mllm.train import checkpointing, nonfinite, preflight
 from mllm.train import distributed as dist
-from mllm.train.batches import BatchStream, TrainData, build_train_data, supervised_tokens, train_recipe
+from mllm.train.batches import (
+    BatchStream,
+    ExplicitMask,
+    TrainData,
+    build_train_data,
+    model_inputs,
+    supervised_tokens,
+    train_recipe,
+)  # fmt: skip
 from mllm.train.config import TrainConfig, save_yaml
 from mllm.train.optim import make_scheduler, param_groups, schedule_from
 from mllm.train.progress import Progress, format_summary
@@ -97,7 +106,11 @@ def setup(cfg: TrainConfig) -> Session:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = load_tokenizer(mcfg)
     data = build_train_data(cfg, tokenizer, model, world.rank, world.size, progress=world.is_main)
-    runtime = use_training_attention(model, cfg, runtime, data)
+    model.loss_chunk_size = cfg.loss_chunk_size or None
+    compiled = use_compile(cfg, runtime, ds_raw)
+    runtime = use_training_attention(model, cfg, runtime, data, compiled)
+    if compiled:
+        compile_decoder_layers(model, data, runtime)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.sampler) / grad_accum))
     start_step = checkpointing.saved_step(resume_from) if resume_from is not None else 0
     if start_step > total_steps:
@@ -151,20 +164,52 @@ def setup(cfg: TrainConfig) -> Session:
     )
 
 
-def use_training_attention(model, cfg: TrainConfig, runtime, data: TrainData):
+def use_training_attention(model, cfg: TrainConfig, runtime, data: TrainData, compiled: bool = False):
     """Switch the LLM to the attention kernel `training_attention` picks for this data; returns the runtime."""
     multiple = cfg.pad_to_multiple_of
-    longest = -(-max(data.dataset.lengths, default=0) // multiple) * multiple
-    attention = training_attention(cfg.attention, runtime, longest)
+    longest = max(data.dataset.lengths, default=0)
+    if cfg.packing != "off":
+        longest = max(longest, cfg.pack_row_tokens)
+    attention = training_attention(cfg.attention, runtime, round_up(longest, multiple), compiled)
     if attention == runtime.attn_implementation:
         return runtime
     model.llm.set_attn_implementation(attention)  # a PeftModel hands the call on to the model it wraps
     return dataclasses.replace(runtime, attn_implementation=attention)
 
 
+def use_compile(cfg: TrainConfig, runtime, ds: dict[str, Any]) -> bool:
+    """Whether this run compiles its decoder layers: --compile on, or auto where it was measured to pay (nowhere
+    yet: on this CPU a run's compile time outweighed its faster steps; see the README's performance section)."""
+    if cfg.compile != "on":
+        return False
+    if dist.zero_stage(ds) == 3:
+        raise ValueError(
+            "--compile on cannot run under ZeRO-3 (its parameter gathers hook every layer the compiler would "
+            "trace); use ZeRO-2 (the default --zero) or --compile off"
+        )
+    return True
+
+
+def compile_decoder_layers(model, data: TrainData, runtime) -> int:
+    """torch.compile every decoder layer of the LLM in place (dynamic shapes: one compile serves all lengths) and
+    give every batch its explicit mask (see `ExplicitMask`); returns how many layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    additive = runtime.dtype if runtime.attn_implementation == "eager" else None
+    data.explicit_mask = ExplicitMask(additive)
+    log.info("compiled %d decoder layers (%s attention)", len(layers), runtime.attn_implementation)
+    return len(layers)
+
+
 def fit(s: Session) -> dict[str, Any]:
     """The loop, then the report; a SIGTERM ends it early with a checkpoint."""
-    progress = Progress(Path(s.cfg.output), s.total_steps, s.state["step"], s.world.is_main, s.cfg.log_every)
+    progress = Progress(
+        Path(s.cfg.output), s.total_steps, s.state["step"], s.world.is_main, s.cfg.log_every,
+        already_spent=s.data.feature_cache_fill_s,  # the cache's fill is part of what this run cost
+    )  # fmt: skip
     try:
         with StopRequest() as stop:
             last_saved, stopped_by = run_steps(s, progress, stop)
@@ -176,6 +221,7 @@ def fit(s: Session) -> dict[str, Any]:
         **state,
         "checkpoint": str(last_saved) if last_saved else None,
         "skipped_samples": len(skipped),
+        "feature_cache_fill_s": round(s.data.feature_cache_fill_s, 2),
     }
     if stopped_by:
         extra["stopped_by"] = stopped_by
@@ -246,14 +292,14 @@ def train_step(
     batches = [stream.next() for _ in range(grad_accum)]
     counts = [supervised_tokens(b) for b in batches]
     # rows of samples: a skipped bad sample has none, and a blank image row (see BlankImageRow) is no sample
-    samples = sum(len(b["sample_ids"]) for b in batches)
+    samples = sum(len(b["sample_lengths"]) for b in batches)
     total_tokens, total_samples = dist.all_reduce_sum([sum(counts), samples], world.device)
     # DeepSpeed averages gradients over processes; × world size turns that back into a sum over all tokens.
     scale = world.size / max(total_tokens, 1.0)
     loss_sum, discard = 0.0, False
     # (a micro-batch whose samples were all bad is a blank row alone: a pass that learns nothing)
     for i, batch in enumerate(batches):
-        out = engine(**_to_device(batch, world.device))
+        out = engine(**model_inputs(batch, world.device))
         loss = fault.apply(out.loss_sum, step, world.rank) if fault else out.loss_sum
         loss_sum += float(loss.detach())
         if i == len(batches) - 1:  # a non-finite loss on any rank discards the step on every rank
@@ -277,17 +323,11 @@ def signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "SIGTERM"
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
-
-
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute, so that checkpoints and run_config.yaml work from any directory (hub ids stay)."""
     values = cfg.to_dict()
-    for key in ("vision", "llm", "data", "image_root", "output", "zero", "init_from"):
-        if values[key] and (key == "output" or Path(values[key]).exists()):
+    for key in ("vision", "llm", "data", "image_root", "output", "zero", "init_from", "feature_cache"):
+        if values[key] and (key in ("output", "feature_cache") or Path(values[key]).exists()):
             values[key] = str(Path(values[key]).expanduser().resolve())
     if values["resume"] not in ("auto", "latest", "no"):
         values["resume"] = str(Path(values["resume"]).expanduser().resolve())
@@ -360,6 +400,8 @@ CHANGEABLE_ON_RESUME = frozenset({
     "image_root", "init_from", "output", "resume", "save_every", "keep_last", "log_every", "num_workers",
     "trust_remote_code", "grad_checkpointing", "attention", "pad_to_multiple_of", "causal_kernel",
     "no_verify", "max_skipped_steps",  # how a checkpoint is checked on load; when a run of bad steps stops it
+    # speed levers: the same micro-batches and losses (each tested equal with the lever on and off)
+    "packing", "pack_row_tokens", "feature_cache", "compile", "loss_chunk_size", "prefetch_factor",
 })  # fmt: skip
 """Run settings a resumed run may change: its length, where things are, and how (not what) it computes. Every other
 setting (learning rates, schedule, accumulation, batch, model, data selection, seed …) is refused by name."""

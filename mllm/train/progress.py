@@ -19,11 +19,19 @@ SUMMARY_FILE = "summary.json"
 
 
 class Progress:
-    def __init__(self, output: Path, total_steps: int, start_step: int, enabled: bool, log_every: int = 1):
+    def __init__(
+        self,
+        output: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        log_every: int = 1,
+        already_spent: float = 0.0,
+    ):
         self.output, self.total, self.enabled, self.log_every = output, total_steps, enabled, log_every
         self.start_step = start_step
-        self.started = time.perf_counter()
-        self.last = self.started
+        self.started = time.perf_counter() - already_spent  # seconds the run spent before its first step
+        self.last = time.perf_counter()
         self.samples = self.tokens = 0
         self.bar = None
         self.writer = None

@@ -94,17 +94,21 @@ class FeatureCache:
         self.tower = tower
         self.key = tower_key(tower)
         self.tower_hash = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.root = root
         self.dir = os.path.join(root, self.tower_hash)
         os.makedirs(self.dir, exist_ok=True)
         ident = os.path.join(self.dir, "tower.json")
-        if os.path.exists(ident):
-            with open(ident, encoding="utf-8") as f:
-                stored = json.load(f)
-            if stored != json.loads(json.dumps(self.key)):
-                raise ValueError(f"feature cache {self.dir} belongs to another tower: {stored} != {self.key}")
-        else:
-            with open(ident, "w", encoding="utf-8") as f:
+        if not os.path.exists(
+            ident
+        ):  # several ranks may get here at once: each writes whole, the last one stays
+            tmp = f"{ident}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(self.key, f, indent=1, sort_keys=True)
+            os.replace(tmp, ident)
+        with open(ident, encoding="utf-8") as f:
+            stored = json.load(f)
+        if stored != json.loads(json.dumps(self.key)):
+            raise ValueError(f"feature cache {self.dir} belongs to another tower: {stored} != {self.key}")
 
     def path(self, content: str) -> str:
         return os.path.join(self.dir, content[:2], content + ".safetensors")
@@ -186,17 +190,35 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
 
         item, reader = self.dataset.items[i], self.dataset.reader
         sample, enc = reader.encode(item.source, item.index)
-        root = reader.sources[item.source].spec.image_root or reader.recipe.image_root
+        root = reader.image_root(item.source)
         refs = sample.images[: enc.num_images]
         return sample, enc, [resolve_image_path(root, r) if isinstance(r, str) else r for r in refs]
 
+    def images(self) -> list[ImageSource]:
+        """Every image the dataset's samples use, once each (a bad sample's are left out: it is skipped later)."""
+        from mllm.data.errors import BadSampleError
+
+        found: dict[Any, None] = {}
+        for i in range(len(self)):
+            try:
+                found.update(dict.fromkeys(self.image_sources(i)[2]))
+            except BadSampleError:
+                continue
+        return list(found)
+
     def fill(self, batch_size: int = 32, progress: bool = True) -> int:
         """Compute the features of every image of the dataset that the cache lacks; returns how many."""
-        images = [src for i in range(len(self)) for src in self.image_sources(i)[2]]
-        return self.cache.fill(images, batch_size=batch_size, progress=progress)
+        return self.cache.fill(self.images(), batch_size=batch_size, progress=progress)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        sample, enc, sources = self.image_sources(i)
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        from mllm.data.errors import BadSampleError
+
+        try:
+            sample, enc, sources = self.image_sources(i)
+        except BadSampleError as e:  # skipped and logged as the dataset itself would
+            item = self.dataset.items[i]
+            self.dataset._bad(self.dataset.reader.locate(e, item.source, item.index))
+            return None
         if len(enc.input_ids) != self.lengths[i]:
             raise RuntimeError(
                 f"sample {sample.id}: length changed from {self.lengths[i]} to {len(enc.input_ids)}"
@@ -211,19 +233,26 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         }
 
 
-def fill_in_subprocess(vision_cfg, dtype: torch.dtype, root: str, images: Sequence[ImageSource]) -> int:
+def fill_in_subprocess(
+    vision_cfg,
+    dtype: torch.dtype,
+    root: str,
+    images: Sequence[ImageSource],
+    parent: FeatureCache | None = None,
+) -> int:
     """`FeatureCache.fill` run by a fresh (spawned) process that loads its own copy of the tower.
 
     A training process that fills its cache itself keeps the fill's allocator high-water mark (tower
     activations, decoded images) for the rest of the run; a child returns all of it when it exits. Returns
-    how many images were computed (0, without starting a process, when everything is cached).
+    how many images were computed (0, without starting a process, when everything is cached). `parent`: this
+    process's cache of the same tower, if it has one (else a copy of the tower is loaded to find what is missing).
     """
     import concurrent.futures
     import multiprocessing
 
     from mllm.vision import build_vision_tower
 
-    parent = FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype))
+    parent = parent or FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype))
     missing = [im for im in images if im not in parent]
     if not missing:
         return 0
