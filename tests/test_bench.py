@@ -87,7 +87,9 @@ def test_peak_rss_is_the_process_own_not_its_parents():
 
 def test_batch_samples_counts_real_samples_only():
     pad = 0
-    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 9, 9, 9, 4], [3, 0, 0, 0, 0, 0]])
+    ids = torch.tensor(
+        [[5, 6, 7, 0, 0, 0], [8, 0, 9, 9, 9, 4], [3, 0, 0, 0, 0, 0]]
+    )  # row 2: a pad-valued token
     batch = {
         "input_ids": ids,
         "attention_mask": None,  # mask-free: lengths run up to the right padding
@@ -96,9 +98,8 @@ def test_batch_samples_counts_real_samples_only():
         "sample_ids": ["a", "b"],  # the third row is BlankImageRow's, no sample
     }
     assert batch_samples(batch, pad) == ([3, 6], [1, 0])
-    masked = {**batch, "attention_mask": (ids != pad).long()}
-    masked["attention_mask"][0, 3] = 1  # a real pad-valued token inside a row counts when a mask says so
-    assert batch_samples(masked, pad) == ([4, 6], [1, 0])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]])
+    assert batch_samples({**batch, "attention_mask": mask}, pad) == ([4, 5], [1, 0])  # a mask says it all
     packed = {**batch, "sample_lengths": [3, 2, 4], "sample_images": [1, 1, 0]}
     assert batch_samples(packed, pad) == ([3, 2, 4], [1, 1, 0])
 
