@@ -155,7 +155,9 @@ class Bench:
         if side == "reference":
             cmd += ["--reference", reference]
         else:
-            cmd += ["--zero", self.zero] + [f"--mllm-set={kv.replace('{output}', output)}" for kv in a.mllm_set]
+            cmd += ["--zero", self.zero] + [
+                f"--mllm-set={kv.replace('{output}', output)}" for kv in a.mllm_set
+            ]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONPATH": _pythonpath()}
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -180,28 +182,15 @@ def _pythonpath() -> str:
 
 
 def tune_reference(bench: Bench, row: str, recipe: str) -> tuple[str, list[dict]]:
-    """Coordinate search over the reference's uncertain settings, fastest kept at each stage: dataloader workers
-    (0, 1, 2), then the attention kernel (sdpa, eager), then torch_compile (off, on)."""
-    from mllm.bench.reference import ReferenceSettings
+    """The reference's fastest settings for this row (`fastest_settings`), each tried in a short run."""
+    from mllm.bench.reference import fastest_settings
 
-    tried: list[dict] = []
-
-    def measure(settings: ReferenceSettings) -> float:
-        text = f"attention={settings.attention},workers={settings.workers},compile={'on' if settings.compile else 'off'}"
-        raw, _ = bench.run("reference", row, recipe, bench.args.tune_steps, reference=text)
-        tried.append({"settings": settings.to_dict(), "samples_per_s": raw["samples_per_s"]})
+    def measure(settings) -> float:
+        raw, _ = bench.run("reference", row, recipe, bench.args.tune_steps, reference=settings.text())
         return raw["samples_per_s"]
 
-    best = max((ReferenceSettings(workers=w) for w in (0, 1, 2)), key=measure)
-    for candidate in (
-        ReferenceSettings("eager", best.workers, False),
-        ReferenceSettings(best.attention, best.workers, True),
-    ):
-        speed = measure(candidate)
-        if speed > max(t["samples_per_s"] for t in tried if t["settings"] == best.to_dict()):
-            best = candidate
-    text = f"attention={best.attention},workers={best.workers},compile={'on' if best.compile else 'off'}"
-    return text, tried
+    best, tried = fastest_settings(measure)
+    return best.text(), tried
 
 
 def run_row(bench: Bench, name: str, recipes: dict, summary) -> dict:

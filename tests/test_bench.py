@@ -14,7 +14,7 @@ import torch
 from mllm.bench.flops import ModelSizes, model_sizes, sample_flops
 from mllm.bench.meter import StepMeter, peak_rss_mb
 from mllm.bench.product import MeteredStream, batch_samples, parse_settings
-from mllm.bench.reference import ReferenceSettings
+from mllm.bench.reference import ReferenceSettings, fastest_settings
 from mllm.bench.report import merge_ranks, ratios, row_verdict, summarise
 from mllm.bench.rows import ROWS, RSS_TARGET
 
@@ -232,7 +232,7 @@ def test_bench_quick_runs_mllm_train_against_the_reference(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--quick", "--rows", "stage1,lora"]
     proc = subprocess.run(
-        cmd + ["--output", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        cmd + ["--output", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "samples/s mllm / reference: median" in proc.stdout and "verdict:" in proc.stdout
@@ -255,3 +255,14 @@ def test_bench_quick_runs_mllm_train_against_the_reference(tmp_path):
             rd["mllm"]["samples_per_s"] / rd["reference"]["samples_per_s"]
         )
         assert row["verdict"]["ratio"]["samples_per_s"]["n"] == 1
+
+
+def test_reference_keeps_the_fastest_settings():
+    speeds = {(w, "sdpa", False): s for w, s in ((0, 5.0), (1, 7.0), (2, 6.0))}
+    speeds[(1, "eager", False)] = 8.0
+    speeds[(1, "eager", True)] = 7.5  # compile tried on top of the best so far: slower, dropped
+    speeds[(1, "sdpa", True)] = 9.0
+    best, tried = fastest_settings(lambda s: speeds[(s.workers, s.attention, s.compile)])
+    assert best == ReferenceSettings("eager", 1, False)
+    assert [t["settings"]["workers"] for t in tried] == [0, 1, 2, 1, 1] and len(tried) == 5
+    assert ReferenceSettings.parse(best.text()) == best

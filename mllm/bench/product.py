@@ -169,5 +169,8 @@ def _settings(s) -> dict[str, Any]:
         "dataloader_workers": s.data.loader.num_workers,
         "collator": type(s.data.loader.collate_fn).__name__,
         "sampler": type(s.data.sampler).__name__,
-        "trainable_params": sum(p.numel() for p in s.model.parameters() if p.requires_grad),
+        # ZeRO-3 leaves each rank a placeholder of the parameter; ds_numel is its full size
+        "trainable_params": sum(
+            getattr(p, "ds_numel", p.numel()) for p in s.model.parameters() if p.requires_grad
+        ),
     }

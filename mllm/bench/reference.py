@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -48,6 +49,10 @@ class ReferenceSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def text(self) -> str:
+        """The `--reference` form, which `parse` reads back."""
+        return f"attention={self.attention},workers={self.workers},compile={'on' if self.compile else 'off'}"
+
     @classmethod
     def parse(cls, text: str) -> ReferenceSettings:
         """`attention=sdpa,workers=1,compile=off` (any subset) → settings."""
@@ -65,6 +70,25 @@ class ReferenceSettings:
                     f"reference settings {text!r}: unknown key {key!r} (attention, workers, compile)"
                 )
         return cls(**values)
+
+
+def fastest_settings(measure: Callable[[ReferenceSettings], float]) -> tuple[ReferenceSettings, list[dict]]:
+    """Coordinate search over the reference's uncertain settings, keeping the faster at each stage: dataloader
+    workers 0, 1, 2 (sdpa, no compile), then eager attention, then torch_compile. `measure` returns samples/s.
+    Returns the fastest settings and every try."""
+    tried: list[dict] = []
+
+    def speed(settings: ReferenceSettings) -> float:
+        tried.append({"settings": settings.to_dict(), "samples_per_s": measure(settings)})
+        return tried[-1]["samples_per_s"]
+
+    best = max((ReferenceSettings(workers=w) for w in (0, 1, 2)), key=speed)
+    best_speed = max(t["samples_per_s"] for t in tried)
+    for change in ({"attention": "eager"}, {"compile": True}):  # each on top of the best so far
+        candidate = replace(best, **change)
+        if (candidate_speed := speed(candidate)) > best_speed:
+            best, best_speed = candidate, candidate_speed
+    return best, tried
 
 
 def build_llava(
