@@ -281,11 +281,13 @@ def main(argv=None) -> dict:
             },
             "flop_formula": FORMULA,
             "model_sizes": sizes.to_dict(),
-            "rows": {name: run_row(bench, name, recipes, summary) for name in rows},
+            "rows": {},
         }
+        for name in rows:
+            result["rows"][name] = run_row(bench, name, recipes, summary)
+            if args.output:  # after every row: a long bench stopped midway keeps the rows it finished
+                Path(args.output).write_text(json.dumps(result, indent=1))
     print(format_report(result))
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=1))
     return result
 
 
