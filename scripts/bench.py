@@ -43,7 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of {', '.join(DEFAULT_ROWS)}"
     )
     p.add_argument("--rounds", type=int, default=3, help="alternating reference/mllm pairs per row")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="timed optimizer steps per run; 0 = one full epoch (both sides then train on the same samples; "
+        "short runs time different length groups on each side: read the MFU ratio beside samples/s)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="steps run first and not timed")
     p.add_argument(
         "--batch-size", type=int, default=8, help="micro-batch (samples per process per step), both sides"
@@ -108,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.reference = QUICK_REFERENCE
     if args.work is None and not args.quick:
         p.error("--work is required (or --quick, which builds a tiny work)")
-    if args.rounds < 1 or args.steps < 1 or args.warmup < 1 or args.nprocs < 1:
-        p.error("--rounds, --steps, --warmup and --nprocs must be >= 1")
+    if args.rounds < 1 or args.steps < 0 or args.warmup < 1 or args.nprocs < 1:
+        p.error("--rounds, --warmup and --nprocs must be >= 1, --steps >= 0")
     return args
 
 
@@ -149,7 +155,7 @@ class Bench:
         out = os.path.join(self.scratch, f"run{self.runs}.json")
         cmd = self.launcher(side) + [
             "--side", side, "--work", self.work.root, "--row", row, "--recipe", recipe, "--output", output,
-            "--steps", str(a.warmup + steps), "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
+            "--steps", str(a.warmup + steps if steps else 0), "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
             "--dtype", self.dtype, "--threads", str(self.threads), "--out", out,
         ]  # fmt: skip
         if side == "reference":

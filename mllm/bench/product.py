@@ -32,7 +32,7 @@ def train_config(
 ):
     """The `TrainConfig` of this row, as `mllm train --stage S` would resolve it with these options.
 
-    `steps`: optimizer steps of one micro-batch each (grad_accum 1, as the reference steps). Constant lr, no
+    `steps`: optimizer steps of one micro-batch each (grad_accum 1, as the reference steps); 0 = one epoch. Constant lr, no
     warm-up: the schedule costs nothing, and the same lr on every step keeps the rounds alike."""
     from mllm.train.config import resolve_config
 

@@ -209,8 +209,9 @@ class ReferenceCollator:
 
 
 def run_reference(work: Work, cfg, warmup: int, settings: ReferenceSettings, dtype: torch.dtype) -> dict:
-    """Train `cfg.max_steps` steps of the row `cfg` describes (its data recipe, micro-batch, lr, LLM mode, LoRA
-    settings, seed) with transformers.Trainer; time those after `warmup`. Returns this process's measurements."""
+    """Train `cfg.max_steps` steps (0: `cfg.epochs` epochs) of the row `cfg` describes (its data recipe,
+    micro-batch, lr, LLM mode, LoRA settings, seed) with transformers.Trainer; time those after `warmup`.
+    Returns this process's measurements."""
     from transformers import CLIPImageProcessor, Trainer, TrainerCallback, TrainingArguments
 
     t0 = time.perf_counter()
@@ -245,7 +246,8 @@ def run_reference(work: Work, cfg, warmup: int, settings: ReferenceSettings, dty
         args = TrainingArguments(
             output_dir=out,
             per_device_train_batch_size=cfg.micro_batch_size,
-            max_steps=cfg.max_steps,
+            max_steps=cfg.max_steps or -1,  # 0: one epoch, as the mllm side
+            num_train_epochs=cfg.epochs,
             learning_rate=cfg.lr,
             lr_scheduler_type="constant",
             weight_decay=0.0,

@@ -26,7 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--recipe", required=True, help="data recipe both sides read (mllm.bench.work.write_recipe)"
     )
     p.add_argument("--output", required=True, help="the mllm run's output folder (nothing is checkpointed)")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps in all, warm-up included")
+    p.add_argument(
+        "--steps", type=int, required=True, help="optimizer steps in all, warm-up included; 0 = one epoch"
+    )
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--dtype", choices=("bf16", "fp32"), required=True)
