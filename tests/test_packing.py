@@ -122,7 +122,7 @@ def test_packed_and_unpacked_losses_and_gradients_are_equal(tiny_config, llm):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_explicit_block_mask_is_the_same_computation(tiny_config, attn):
-    from mllm.bench.ours import with_explicit_mask
+    from mllm.train.batches import ExplicitMask
 
     cfg = tiny_config("clip", "llama", "mlp", mode="full")
     cfg.attn_implementation = attn
@@ -134,7 +134,7 @@ def test_explicit_block_mask_is_the_same_computation(tiny_config, attn):
         PackingCollator(PAD, row_width=lengths[-1] + lengths[-2])(items),
         PackingCollator(PAD, pack=False, mask_free=False)(items),
     ):
-        explicit = with_explicit_mask(batch, additive)
+        explicit = ExplicitMask(additive)(batch)
         assert explicit["attention_mask"].dim() == 4
         assert explicit["attention_mask"].dtype == (additive or torch.bool)
         loss_a, n_a, grads_a = _loss_sum_and_grads(model, batch)
@@ -146,7 +146,7 @@ def test_explicit_block_mask_is_the_same_computation(tiny_config, attn):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_mask_free_batches_compute_what_masked_ones_do(tiny_config, attn):
     """One sample per row, right-padded (to a multiple, too): no mask gives the masked batch's loss and gradients."""
-    from mllm.bench.ours import with_explicit_mask
+    from mllm.train.batches import ExplicitMask
 
     cfg = tiny_config("clip", "llama", "mlp", mode="full")
     cfg.attn_implementation = attn
@@ -156,7 +156,7 @@ def test_mask_free_batches_compute_what_masked_ones_do(tiny_config, attn):
     free = PackingCollator(PAD, pad_to_multiple_of=16)(items)
     assert free["attention_mask"] is None and free["position_ids"] is None
     assert free["input_ids"].shape[1] % 16 == 0 and free["input_ids"].shape[1] > masked["input_ids"].shape[1]
-    assert with_explicit_mask(free) is free  # compiled layers: transformers' own causal path
+    assert ExplicitMask()(free) is free  # compiled layers: transformers' own causal path
     loss_m, n_m, grads_m = _loss_sum_and_grads(model, masked)
     loss_f, n_f, grads_f = _loss_sum_and_grads(model, free)
     assert n_m == n_f and torch.allclose(loss_m, loss_f, rtol=1e-5)

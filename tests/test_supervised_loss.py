@@ -5,10 +5,26 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import nn
 
-from mllm.bench.ours import full_vocabulary_loss, supervised_loss
 from mllm.config import IMAGE_TOKEN_ID
+from mllm.data import IGNORE_INDEX
 from mllm.model import build_model
+
+
+def supervised_loss(model, batch: dict, chunk_size: int | None = 2048) -> torch.Tensor:
+    """What training computes: logits and loss only at supervised positions, the head run in chunks."""
+    return model(**batch, loss_chunk_size=chunk_size).loss
+
+
+def full_vocabulary_loss(model, batch: dict) -> torch.Tensor:
+    """The standard computation: logits at every position, then cross-entropy over the supervised ones."""
+    out = model(**{k: v for k, v in batch.items() if k != "labels"}, return_logits=True)
+    logits = out.logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
 def _batch(model, seed: int = 0) -> dict:

@@ -8,10 +8,21 @@ import time
 from dataclasses import dataclass, field
 
 
-def peak_rss_mb(children: bool = False) -> float:
-    """Peak resident memory of this process (or of its finished children, e.g. DataLoader workers) in MiB."""
-    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB: its own high-water mark (VmHWM).
+
+    Not `getrusage`'s ru_maxrss: Linux carries that across exec, so a side launched by a bigger parent (the bench
+    after its matmul-peak measurement) would report the parent's footprint at fork as its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # not Linux: KiB on most, the best there is
 
 
 def children_peak_rss_mb() -> float:

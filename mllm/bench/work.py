@@ -48,16 +48,23 @@ class Work:
         return self
 
 
-def stage_dataset(
-    work: Work, stage: int, tokenizer, image_tokens: int, preprocess, samples: int | None = None
-):
-    """The stage's `MultimodalDataset` (first `samples` records, or all), exact lengths known up front."""
+def write_recipe(work: Work, stage: int, folder: str, samples: int | None = None) -> str:
+    """A data recipe (YAML) for the stage's file in `folder`: images under WORK/images, the first `samples` records
+    (or all). Both sides read their data through it, so they train on the same records."""
+    import yaml
+
+    source = {"path": work.data_file(stage), "sample": str(samples) if samples else "all"}
+    path = os.path.join(folder, f"stage{stage}_recipe.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"name": f"bench-stage{stage}", "image_root": work.images, "sources": [source]}, f)
+    return path
+
+
+def recipe_dataset(recipe_path: str, tokenizer, image_tokens: int, preprocess):
+    """The recipe's `MultimodalDataset` as `mllm.data` builds it (exact lengths known up front)."""
     from mllm.data import build_dataset, load_recipe
 
-    recipe = load_recipe(work.data_file(stage), image_root=work.images)
-    if samples:
-        recipe.sources[0].sample = str(samples)
-    return build_dataset(recipe, tokenizer, image_tokens, preprocess, progress=False)
+    return build_dataset(load_recipe(recipe_path), tokenizer, image_tokens, preprocess, progress=False)
 
 
 def encoded_item(dataset, i: int):
