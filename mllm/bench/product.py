@@ -135,8 +135,8 @@ def run_mllm(cfg, warmup: int) -> dict:
     stream = MeteredStream(s.stream, meter, s.data.loader.collate_fn.pad_token_id)
     losses = []
     try:
-        for _ in range(s.total_steps):
-            record = loop.train_step(s.engine, stream, s.world, s.grad_accum)
+        for step in range(1, s.total_steps + 1):
+            record = loop.train_step(s.engine, stream, s.world, s.grad_accum, step)
             meter.step_end(record["loss"])
             losses.append(record["loss"])
     finally:
