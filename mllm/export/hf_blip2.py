@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from mllm.checkpoint import mark_complete, write_model_files
 from mllm.config import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
-from mllm.export.hf_llava import ExportError, _add_image_token
+from mllm.export.hf_llava import ExportError, _add_image_token, finish_export
 from mllm.export.merge import merge_lora
 
 log = logging.getLogger(__name__)
@@ -213,17 +213,7 @@ def build_blip2(model, tokenizer, fmt: str):
     )
     sd.update({f"language_projection.{k}": v for k, v in connector.proj.state_dict().items()})
     sd.update({f"language_model.{k}": v for k, v in llm.state_dict().items()})
-    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
-    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise ExportError(
-            f"weights do not map onto {family.model_class}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    hf.tie_weights()
-    hf.generation_config = llm.generation_config
-    hf.generation_config.suppress_tokens = [image_id]  # "<image>" is an input marker, never an answer
-    return hf.eval(), image_id
+    return finish_export(hf, sd, llm, image_id), image_id
 
 
 def export_hf_blip2(model, config: dict, tokenizer, out: str | os.PathLike, fmt: str = "hf-blip2") -> Path:

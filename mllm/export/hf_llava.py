@@ -146,16 +146,23 @@ def build_llava(model, tokenizer) -> tuple[LlavaForConditionalGeneration, int]:
     )
     with torch.device("meta"):
         hf = LlavaForConditionalGeneration(config)
-    missing, unexpected = hf.load_state_dict(_llava_state_dict(model), strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    return finish_export(hf, _llava_state_dict(model), llm, image_id), image_id
+
+
+def finish_export(hf, state_dict: dict[str, torch.Tensor], llm, image_id: int):
+    """Load `state_dict` into the transformers model `hf` (built on the meta device) and give it the LLM's
+    generation settings; every weight must map (a tied LM head may be absent). Returns `hf` in eval mode."""
+    missing, unexpected = hf.load_state_dict(state_dict, strict=False, assign=True)
+    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
     if missing or unexpected:
         raise ExportError(
-            f"weights do not map onto LlavaForConditionalGeneration: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"weights do not map onto {type(hf).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     hf.tie_weights()
     hf.generation_config = llm.generation_config
     hf.generation_config.suppress_tokens = [image_id]  # "<image>" is an input marker, never an answer
-    return hf.eval(), image_id
+    return hf.eval()
 
 
 def export_hf_llava(
