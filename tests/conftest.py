@@ -13,6 +13,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@pytest.fixture(scope="module")
+def one_process_group():
+    """Launcher-style variables for a test module, so its in-process runs form a one-process group. The group is
+    left standing for the rest of the session: DeepSpeed caches the world group it first saw, so a second group
+    formed by a later module would meet that stale one (use with `pytestmark = pytest.mark.usefixtures(...)`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in dict(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1"
+        ).items():
+            mp.setenv(key, value)
+        mp.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        yield
+
+
 @pytest.fixture(scope="session")
 def backbones(tmp_path_factory) -> dict[str, str]:
     """{'clip', 'siglip', 'llama', 'qwen2', 'gpt2', 'phi3'} → directory of a tiny random HF model."""

@@ -33,17 +33,7 @@ def colours(tmp_path_factory) -> str:
     return write_colours(tmp_path_factory.mktemp("colours"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    """Launcher-style variables, so that in-process runs form a one-process group. The group is left standing
-    afterwards: DeepSpeed caches it, and a later module's runs in this process (test_train_runs) reuse it."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in dict(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1"
-        ).items():
-            mp.setenv(key, value)
-        mp.setenv("MASTER_PORT", str(28500 + os.getpid() % 1000))
-        yield
+pytestmark = pytest.mark.usefixtures("one_process_group")
 
 
 def config(backbones, data, output, stage=1, **kw):

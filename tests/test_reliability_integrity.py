@@ -38,16 +38,7 @@ def colours(tmp_path_factory) -> str:
     return write_colours(tmp_path_factory.mktemp("colours"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    """As in test_reliability_faults: in-process runs form a one-process group, left standing for later modules."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in dict(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1"
-        ).items():
-            mp.setenv(key, value)
-        mp.setenv("MASTER_PORT", str(28500 + os.getpid() % 1000))
-        yield
+pytestmark = pytest.mark.usefixtures("one_process_group")
 
 
 def overwrite_tail(path: Path, payload: bytes) -> None:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_runs import config, losses, one_process_group, write_colours  # noqa: F401 (fixture)
+from test_train_runs import config, losses, write_colours
 
 from mllm.train.batches import BlankImageRow, ExplicitMask
 from mllm.train.loop import fit, setup
+
+pytestmark = pytest.mark.usefixtures("one_process_group")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -47,18 +47,7 @@ def colours(tmp_path_factory) -> str:
     return write_colours(tmp_path_factory.mktemp("colours"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    """Launcher-style variables for this test process, so the runs here form (and share) a one-process group."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in dict(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1"
-        ).items():
-            mp.setenv(key, value)
-        mp.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        yield
-    # The group stays up for the rest of the test session: DeepSpeed caches the world group it first saw
-    # (deepspeed.utils.groups), so a second group formed by a later module would meet that stale one.
+pytestmark = pytest.mark.usefixtures("one_process_group")
 
 
 @pytest.fixture(scope="module")
