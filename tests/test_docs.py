@@ -20,6 +20,7 @@ FENCE = re.compile(r"^\s*```")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 INLINE_CODE = re.compile(r"`([^`]+)`")  # a span may wrap onto the next line
 REPO_PATH = re.compile(r"(?<![\w./-])((?:scripts|data_recipes|zero_configs|docs)/[\w.*-]+)")
+TRAIN_SCRIPT = re.compile(r"scripts/(?:pretrain|finetune)\.py(.*)")
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 
 
@@ -77,7 +78,8 @@ def broken_links(page: Path) -> list[str]:
 
 def quoted_commands(text: str) -> list[str]:
     """Every `mllm …` command line the page quotes: in code fences (a line or a `&&`/`;` segment starting with
-    `mllm `, backslash continuations joined, comments cut) and in inline code spans starting with `mllm `."""
+    `mllm `, backslash continuations joined, comments cut) and in inline code spans starting with `mllm `. A run of
+    scripts/pretrain.py or scripts/finetune.py (which take `mllm train`'s options) counts as `mllm train`."""
     prose, code = split_fences(text)
     joined = re.sub(r"\\\n", " ", "\n".join(code))
     commands = []
@@ -86,6 +88,8 @@ def quoted_commands(text: str) -> list[str]:
             part = part.strip().removeprefix("$ ")
             if part.startswith("mllm "):
                 commands.append(part)
+            elif script := TRAIN_SCRIPT.search(part):
+                commands.append("mllm train" + script.group(1))
     for span in INLINE_CODE.findall("\n".join(prose)):
         span = " ".join(span.split())
         if span.startswith("mllm "):
@@ -167,8 +171,11 @@ def test_the_checks_catch_what_they_claim(tmp_path: Path):
     page = tmp_path / "page.md"
     page.write_text("# Top\n\n[ok](#top) [gone](nowhere.md) [bad anchor](#nope)\n")
     assert len(broken_links(page)) == 2
-    text = "```bash\nmllm trian --output x\nmllm data chek\nmllm train --no-such-flag \\\n  --stage 1\n```\n"
+    text = (
+        "```bash\nmllm trian --output x\nmllm data chek\nmllm train --no-such-flag \\\n  --stage 1\n"
+        "deepspeed --num_gpus 2 scripts/finetune.py --lr 1e-4 --no-such-option\n```\n"
+    )
     errors = [e for c in quoted_commands(text) for e in command_errors(c)]
-    assert len(errors) == 3 and "--no-such-flag" in errors[2]
+    assert len(errors) == 4 and "--no-such-flag" in errors[2] and "--no-such-option" in errors[3]
     assert command_errors("mllm train --stage 1 --output x") == []
     assert slug("Clusters: multi-node, `mllm` (CPU)") == "clusters-multi-node-mllm-cpu"
