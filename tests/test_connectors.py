@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,7 +67,7 @@ def resampler_count(k: int, layers: int, w: int, dv: int, dl: int) -> int:
     [("qformer", qformer_count, 37_826_560), ("resampler", resampler_count, 30_479_360)],
 )
 def test_query_connector_parameter_counts_are_exact(kind, formula, readme):
-    # the README's table: 32 queries, 2 layers, width = the vision width (1024)
+    # docs/model.md's table: 32 queries, 2 layers, width = the vision width (1024)
     assert _count(ConnectorConfig(kind=kind)) == formula(32, 2, 1024, 1024, 4096) == readme
     # a narrower connector (width 256 ≠ vision width 1024), other depth and query count
     narrow = ConnectorConfig(kind=kind, num_queries=16, num_layers=3, hidden_size=256, num_heads=8)
@@ -83,3 +86,18 @@ def test_bad_connector_settings_are_rejected():
         build_connector(ConnectorConfig(kind="perceiver"), 8, 4, 8)
     with pytest.raises(ValueError, match="divisible"):
         build_connector(ConnectorConfig(kind="qformer", num_heads=5), 48, 16, 64)
+
+
+def test_the_documented_connector_sizes_are_what_the_code_builds():
+    """docs/model.md's table of connector sizes at LLaVA-1.5-7B scale, row by row, against a fresh count."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
+    rows = dict(re.findall(r"^\| (`(?:mlp|qformer|resampler)`[^|]*?) \| ([\d,]+) \|$", page, flags=re.M))
+    configs = {
+        "`mlp` `linear`": ConnectorConfig(kind="mlp", projector="linear"),
+        "`mlp` `mlp2x_gelu` (LLaVA-1.5)": ConnectorConfig(kind="mlp", projector="mlp2x_gelu"),
+        "`qformer` (32 queries, 2 layers, width 1024)": ConnectorConfig(kind="qformer"),
+        "`resampler` (32 latents, 2 layers, width 1024)": ConnectorConfig(kind="resampler"),
+    }
+    assert sorted(rows) == sorted(configs)
+    for row, cfg in configs.items():
+        assert int(rows[row].replace(",", "")) == _count(cfg), row
