@@ -157,8 +157,10 @@ def test_named_repo_files_exist(page: Path):
 
 
 def test_readme_links_every_docs_page():
+    """A page nobody can find from the README is lost: each docs/*.md gets a line in its Documentation table."""
     linked = set(re.findall(r"\(docs/([\w-]+\.md)", (ROOT / "README.md").read_text()))
-    assert sorted(p.name for p in (ROOT / "docs").glob("*.md")) == sorted(linked)
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert not pages - linked, f"docs pages the README does not link: {sorted(pages - linked)}"
 
 
 def test_readme_keeps_its_test_command():
