@@ -103,6 +103,10 @@ class Recipe:
                 f"recipe {self.name!r}: source names must be unique, got {names}; set `name:` on each"
             )
 
+    def image_root_of(self, spec: SourceSpec) -> str:
+        """Where `spec`'s relative image paths start: the source's own image_root, else the recipe's."""
+        return spec.image_root or self.image_root
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

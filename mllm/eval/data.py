@@ -51,7 +51,7 @@ def load_eval_items(
     items: list[EvalItem] = []
     for spec in recipe.sources:
         source = open_source(spec)
-        root = spec.image_root or recipe.image_root
+        root = recipe.image_root_of(spec)
         for index in select_indices(spec, len(source), seed):
             try:
                 items.append(_item(source, index, root, recipe.max_image_pixels))
