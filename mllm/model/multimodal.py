@@ -83,7 +83,7 @@ class MultimodalLM(nn.Module):
     ) -> torch.Tensor:
         """Token ids [B, T] (image positions = IMAGE_TOKEN_ID) → input embeddings [B, T, D].
 
-        `features` [I, N, Dv] (e.g. from `mllm.vision.cache`) replace `pixel_values` for a frozen tower.
+        `features` [I, N, Dv] (e.g. from `mllm.data.features`) replace `pixel_values` for a frozen tower.
         `qformer_input_ids` / `qformer_attention_mask` [I, L]: each image's instruction (see `encode_images`).
         """
         is_image = input_ids == IMAGE_TOKEN_ID  # [B, T]

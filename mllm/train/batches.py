@@ -26,9 +26,10 @@ from mllm.data import (
     causal_block_mask,
     load_recipe,
 )
+from mllm.data.features import CachedFeatureDataset
 from mllm.train.config import TrainConfig
 from mllm.train.stop import defer_stop_signals
-from mllm.vision.cache import CachedFeatureDataset, FeatureCache, fill_in_subprocess
+from mllm.vision.cache import FeatureCache, fill_in_subprocess
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mllm.data.images import open_image
+from mllm.data.sample import ImageRef
 from mllm.vision.base import VisionTower
-
-ImageSource = str | bytes | Image.Image
-"""A path to an image file, its encoded bytes, or a decoded image."""
 
 
 def tower_key(tower: VisionTower) -> dict[str, Any]:
@@ -58,7 +56,7 @@ def _files_stamp(path: Any) -> list | None:
     return out
 
 
-def content_key(image: ImageSource) -> str:
+def content_key(image: ImageRef) -> str:
     """SHA-256 of the image's encoded bytes (or of a decoded image's mode, size and pixels)."""
     h = hashlib.sha256()
     if isinstance(image, Image.Image):
@@ -78,7 +76,7 @@ DECODE_VERSION = 2
 kept EXIF-rotated images sideways, clipped 16-bit ones and showed transparent areas as their stored colour)."""
 
 
-def _open(image: ImageSource) -> Image.Image:
+def _open(image: ImageRef) -> Image.Image:
     """The image as training decodes it (`mllm.data.images.open_image`: upright, 8-bit RGB, transparency on white)."""
     if isinstance(image, str):
         return open_image(
@@ -113,10 +111,10 @@ class FeatureCache:
     def path(self, content: str) -> str:
         return os.path.join(self.dir, content[:2], content + ".safetensors")
 
-    def __contains__(self, image: ImageSource) -> bool:
+    def __contains__(self, image: ImageRef) -> bool:
         return os.path.exists(self.path(content_key(image)))
 
-    def get(self, image: ImageSource) -> torch.Tensor:
+    def get(self, image: ImageRef) -> torch.Tensor:
         """Cached features [N, D] of `image`; KeyError when it was never computed by this tower."""
         path = self.path(content_key(image))
         if not os.path.exists(path):
@@ -141,9 +139,9 @@ class FeatureCache:
         os.replace(tmp, path)  # readers never see a half-written entry
 
     @torch.no_grad()
-    def fill(self, images: Sequence[ImageSource], batch_size: int = 32, progress: bool = True) -> int:
+    def fill(self, images: Sequence[ImageRef], batch_size: int = 32, progress: bool = True) -> int:
         """Compute and store the features of every image not cached yet; returns how many were computed."""
-        todo: dict[str, ImageSource] = {}
+        todo: dict[str, ImageRef] = {}
         for image in images:
             key = content_key(image)
             if key not in todo and not os.path.exists(self.path(key)):
@@ -166,78 +164,11 @@ class FeatureCache:
         return len(keys)
 
 
-class CachedFeatureDataset(torch.utils.data.Dataset):
-    """A `mllm.data.MultimodalDataset` whose items carry cached `features` [I, N, D] instead of `pixel_values`.
-
-    Images are never decoded here (only hashed); lengths, image flags and items pass through, so the
-    data layer's samplers work unchanged. Call `fill()` once before training.
-    """
-
-    def __init__(self, dataset, cache: FeatureCache):
-        self.dataset = dataset
-        self.cache = cache
-        self.lengths = dataset.lengths
-        self.has_image = dataset.has_image
-        self.items = dataset.items
-        self.weights = dataset.weights
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def image_sources(self, i: int) -> tuple[Any, Any, list[ImageSource]]:
-        """(sample, encoded, image sources) of item `i`: the images that survived truncation, as paths or bytes."""
-        from mllm.data.images import resolve_image_path
-
-        item, reader = self.dataset.items[i], self.dataset.reader
-        sample, enc = reader.encode(item.source, item.index)
-        root = reader.image_root(item.source)
-        refs = sample.images[: enc.num_images]
-        return sample, enc, [resolve_image_path(root, r) if isinstance(r, str) else r for r in refs]
-
-    def images(self) -> list[ImageSource]:
-        """Every image the dataset's samples use, once each (a bad sample's are left out: it is skipped later)."""
-        from mllm.data.errors import BadSampleError
-
-        found: dict[Any, None] = {}
-        for i in range(len(self)):
-            try:
-                found.update(dict.fromkeys(self.image_sources(i)[2]))
-            except BadSampleError:
-                continue
-        return list(found)
-
-    def fill(self, batch_size: int = 32, progress: bool = True) -> int:
-        """Compute the features of every image of the dataset that the cache lacks; returns how many."""
-        return self.cache.fill(self.images(), batch_size=batch_size, progress=progress)
-
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        from mllm.data.errors import BadSampleError
-
-        try:
-            sample, enc, sources = self.image_sources(i)
-        except BadSampleError as e:  # skipped and logged as the dataset itself would
-            item = self.dataset.items[i]
-            self.dataset._bad(self.dataset.reader.locate(e, item.source, item.index))
-            return None
-        if len(enc.input_ids) != self.lengths[i]:
-            raise RuntimeError(
-                f"sample {sample.id}: length changed from {self.lengths[i]} to {len(enc.input_ids)}"
-            )
-        feats = [self.cache.get(s) for s in sources]
-        n, d = self.cache.tower.num_tokens, self.cache.tower.hidden_size
-        return {
-            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-            "labels": torch.tensor(enc.labels, dtype=torch.long),
-            "features": torch.stack(feats) if feats else torch.zeros((0, n, d)),
-            "id": sample.id,
-        }
-
-
 def fill_in_subprocess(
     vision_cfg,
     dtype: torch.dtype,
     root: str,
-    images: Sequence[ImageSource],
+    images: Sequence[ImageRef],
     parent: FeatureCache | None = None,
 ) -> int:
     """`FeatureCache.fill` run by a fresh (spawned) process that loads its own copy of the tower.
