@@ -309,7 +309,7 @@ def load_checkpoint(
         ("connector", CONNECTORS, mcfg.connector.kind),
         ("vision tower", VISION_TOWERS, mcfg.vision.kind),
     ):
-        if name not in registry and not (what == "vision tower" and name == "efficientnet-lite0"):
+        if name not in registry:
             raise CheckpointError(f"{d}: unknown {what} {name!r} in {CONFIG_FILE}; known: {registry.names()}")
     # The Q-Former's sizes are saved explicit and its weights are in connector.safetensors: no BERT needed.
     mcfg.connector.qformer_init = ""

