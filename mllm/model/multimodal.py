@@ -67,7 +67,7 @@ class MultimodalLM(nn.Module):
                 "precomputed vision features cannot train the vision tower (vision.trainable=full)"
             )
         cdtype = next(self.connector.parameters()).dtype
-        if getattr(self.connector, "instruction_aware", False):
+        if self.connector.instruction_aware:
             return self.connector(features.to(cdtype), qformer_input_ids, qformer_attention_mask)
         return self.connector(features.to(cdtype))  # [I, K, D_llm]
 
