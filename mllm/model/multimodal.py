@@ -8,10 +8,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from mllm.config import IMAGE_TOKEN_ID, ModelConfig
+from mllm.config import IGNORE_INDEX, IMAGE_TOKEN_ID, ModelConfig
 from mllm.vision.base import VisionTower
-
-IGNORE_INDEX = -100
 
 LOSS_CHUNK = 2048
 """Default supervised positions per head + loss chunk (`MultimodalLM.loss_chunk_size`): bounds the logits kept

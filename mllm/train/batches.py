@@ -326,4 +326,4 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def supervised_tokens(batch: dict[str, Any]) -> int:
     """Positions the loss is computed at (the label of the next token is supervised)."""
     labels = batch["labels"]
-    return int((labels[:, 1:] != -100).sum()) if labels.numel() else 0
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.numel() else 0
