@@ -12,7 +12,7 @@ Layout of a checkpoint directory::
 
 A directory is written under a temporary name and renamed into place only
 after COMPLETE is on disk, so a crash mid-save never leaves a checkpoint that
-looks complete. `load_checkpoint` verifies the manifest: the size of every
+looks complete. `load_model_and_config` verifies the manifest: the size of every
 file, and the hash of every weight file it reads (a same-size corruption, a
 flipped byte, is caught and the file named); every tensor it loads must be
 finite. Hashing is xxh3-128 (xxhash): not cryptographic, which is not the
@@ -55,7 +55,7 @@ WEIGHT_FILES = (
     "llm.safetensors",
     "adapter/adapter_model.safetensors",
 )
-"""The weight files a checkpoint may hold (relative paths), those `load_checkpoint` reads."""
+"""The weight files a checkpoint may hold (relative paths), those `load_model_and_config` reads."""
 _CHUNK = 8 * 2**20
 
 
@@ -274,7 +274,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint(
+def load_model_and_config(
     path: str | os.PathLike,
     dtype: str | None = None,
     device: str | None = None,

@@ -32,9 +32,9 @@ def load_pretrained(
     `verify_hashes=False` skips checking the weight files against their recorded hashes (`--no-verify`); their
     values are checked finite either way.
     """
-    from mllm.checkpoint import load_checkpoint
+    from mllm.checkpoint import load_model_and_config
 
-    model, config = load_checkpoint(
+    model, config = load_model_and_config(
         path,
         dtype=dtype,
         device=device,
