@@ -29,6 +29,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "eval": {"train", "deepspeed"} | SCAFFOLDING,
     "export": {"train", "inference", "deepspeed"} | SCAFFOLDING,
     "fetch": {"*"},
+    "fingerprint": {"*"},
     "testing": {"train", "deepspeed"} | (SCAFFOLDING - {"testing"}),
     "serve": {"train", "deepspeed"} | SCAFFOLDING,
     "harness": {"train", "deepspeed"} | SCAFFOLDING,

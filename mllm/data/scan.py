@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from mllm.data.errors import BadSampleError
 from mllm.data.reader import SampleReader
 from mllm.data.recipe import Recipe
+from mllm.fingerprint import file_fingerprint
 
 CACHE_VERSION = 2
 """Bump when tokenisation or validation changes, so old length caches are not reused."""
@@ -98,20 +99,6 @@ def scan(
 
 
 # ---- on-disk cache of length scans ----------------------------------------------------------------
-def _file_fingerprint(path: str, h) -> None:
-    paths = [path]
-    if os.path.isdir(path):
-        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-        with open(p, "rb") as f:  # content too: a rewritten file with the same size and mtime must not match
-            h.update(f.read(1 << 20))
-            if st.st_size > 1 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-
-
 def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     r, enc, tok = reader.recipe, reader.encoder, reader.encoder.tokenizer
     h = hashlib.blake2b(digest_size=16)
@@ -123,7 +110,7 @@ def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     for src in reader.sources:
         s = src.spec
         h.update(json.dumps([s.path, s.format, s.image_column, s.text_column, s.prompt, s.split]).encode())
-        _file_fingerprint(s.path, h)
+        h.update(file_fingerprint(s.path, mtime=True).encode())
     h.update(np.asarray(tasks, dtype=np.int64).tobytes())
     return h.hexdigest()
 

@@ -30,30 +30,10 @@ from mllm.vision.base import VisionTower
 
 
 def tower_key(tower: VisionTower) -> dict[str, Any]:
-    """Everything that determines the tower's features: its identity, the dtype it computes in, and a
-    nanosecond stamp of its local weight files (a rewrite within the same second still changes the key)."""
+    """Everything that determines the tower's features: its identity (which fingerprints its local weight files
+    to the nanosecond, `mllm.vision.base.weights_fingerprint`), the dtype it computes in, the image decoding."""
     dtype = next(tower.parameters()).dtype
-    ident = tower.identity()
-    return {
-        **ident,
-        "dtype": str(dtype).removeprefix("torch."),
-        "files": _files_stamp(ident.get("path")),
-        "decode": DECODE_VERSION,
-    }
-
-
-def _files_stamp(path: Any) -> list | None:
-    if not isinstance(path, str) or not os.path.exists(path):
-        return None
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
-    out = []
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin", ".pt", ".pth", ".json")):
-            st = os.stat(os.path.join(path, name))
-            out.append([name, st.st_size, st.st_mtime_ns])
-    return out
+    return {**tower.identity(), "dtype": str(dtype).removeprefix("torch."), "decode": DECODE_VERSION}
 
 
 def content_key(image: ImageRef) -> str:
