@@ -34,7 +34,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-adapters",
         action="store_true",
-        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, ~1.75x faster on CPU)",
+        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, which runs faster)",
     )
     p.add_argument(
         "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="override the checkpoint's compute dtype"
