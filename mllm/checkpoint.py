@@ -33,9 +33,13 @@ from typing import Any, Literal
 
 import torch
 import xxhash
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from mllm.config import FORMAT_VERSION, ModelConfig
+from mllm.connectors import CONNECTORS
+from mllm.model import build_model, resolve_runtime
+from mllm.vision import VISION_TOWERS
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +110,6 @@ def trainable_state_dicts(model) -> dict[str, dict[str, torch.Tensor]]:
     if cfg.vision.trainable == "full":
         out["vision"] = _cpu(model.vision.state_dict())
     if cfg.llm.mode in ("lora", "qlora"):
-        from peft import get_peft_model_state_dict
-
         out["adapter"] = _cpu(get_peft_model_state_dict(model.llm))
     elif cfg.llm.mode == "full":
         out["llm"] = _cpu(model.llm.state_dict())
@@ -293,10 +295,6 @@ def load_model_and_config(
     `--no-verify` of the commands), and every tensor loaded must be finite: else a `CheckpointError` names the
     file (and the tensor).
     """
-    from mllm.connectors import CONNECTORS
-    from mllm.model import build_model, resolve_runtime
-    from mllm.vision import VISION_TOWERS
-
     config = read_config(path)
     d = Path(config["_path"])
     weight_files = [rel for rel in WEIGHT_FILES if (d / rel).is_file()]
@@ -335,8 +333,6 @@ def load_model_and_config(
     if "llm" in weights:
         model.llm.load_state_dict(weights["llm"])
     if "adapter" in weights:
-        from peft import set_peft_model_state_dict
-
         result = set_peft_model_state_dict(model.llm, weights["adapter"])
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{d}: adapter weights do not fit the LLM: {result.unexpected_keys[:3]}")

@@ -25,7 +25,6 @@ from mllm.demo.data import build_demo_data
 from mllm.demo.easy_vqa import QUESTION_TYPES
 from mllm.demo.settings import DemoSettings
 from mllm.fetch import fetch
-from mllm.vision.efficientnet import default_weights_path
 
 LLM_NAME = "smollm2-135m-instruct"
 RECIPES = ("demo_stage1.yaml", "demo_stage2.yaml", "demo_test.yaml", "demo_test_captions.yaml")
@@ -234,6 +233,9 @@ def train_command(stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Pa
     st = s.stage1 if stage == 1 else s.stage2
     cmd = [sys.executable, "-m", "mllm", "train", "--stage", str(stage)]
     if stage == 1:
+        # imported here: it needs torch, which the demo's parent process (it only launches commands) never loads
+        from mllm.vision.efficientnet import default_weights_path
+
         cmd += [
             "--vision",
             default_weights_path(),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from mllm.checkpoint import load_model_and_config
+from mllm.export.merge import merge_lora
 from mllm.inference.generate import SamplingConfig, StreamPrinter, generate, generate_batch
 from mllm.inference.images import ImageError, load_image
 from mllm.inference.processor import Conversation, Processor
@@ -31,8 +33,6 @@ def load_pretrained(
     `verify_hashes=False` skips checking the weight files against their recorded hashes (`--no-verify`); their
     values are checked finite either way.
     """
-    from mllm.checkpoint import load_model_and_config
-
     model, config = load_model_and_config(
         path,
         dtype=dtype,
@@ -43,8 +43,6 @@ def load_pretrained(
         verify_hashes=verify_hashes,
     )
     if merge_adapters and model.config.llm.mode == "lora":
-        from mllm.export.merge import merge_lora
-
         merge_lora(model)
     return model, Processor.from_checkpoint(model, config)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from mllm.config import IGNORE_INDEX, IMAGE_TOKEN_ID, ModelConfig
@@ -195,7 +196,6 @@ class MultimodalLM(nn.Module):
         t = targets[keep]  # [M]
         if chunk_size is None or h.shape[0] <= chunk_size:
             return self._head_loss_sum(h, t), keep.sum()
-        from torch.utils.checkpoint import checkpoint
 
         parts = [
             checkpoint(self._head_loss_sum, hc, tc, use_reentrant=False)

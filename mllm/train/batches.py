@@ -27,6 +27,7 @@ from mllm.data import (
     load_recipe,
 )
 from mllm.data.features import CachedFeatureDataset
+from mllm.train import distributed as dist
 from mllm.train.config import TrainConfig
 from mllm.train.stop import defer_stop_signals
 from mllm.vision.cache import FeatureCache, fill_in_subprocess
@@ -227,8 +228,6 @@ def fill_feature_cache(items: CachedFeatureDataset, model, rank: int, world_size
     when it exits) with its own copy of the tower, then every rank waits for all; entries are written atomically,
     so ranks and workers filling the same folder at once never see half an entry.
     """
-    from mllm.train import distributed as dist
-
     started = time.perf_counter()
     images = items.images()
     tower_dtype = next(model.vision.parameters()).dtype

@@ -8,7 +8,9 @@ and the command line wins over the file, which wins over the stage preset.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,9 +346,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, include_stage: bool = 
 
 def field_docs() -> dict[str, str]:
     """Field name → its docstring, read from this module's source (the single place they are written)."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(TrainConfig))
     body = tree.body[0].body
     docs = {}

@@ -13,19 +13,23 @@ metadata, which is checked on every read.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mllm.data.images import open_image
 from mllm.data.sample import ImageRef
+from mllm.vision import build_vision_tower
 from mllm.vision.base import VisionTower
 
 
@@ -104,8 +108,6 @@ class FeatureCache:
         return self._read(path)
 
     def _read(self, path: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             if (f.metadata() or {}).get("tower") != self.tower_hash:
                 raise ValueError(f"{path}: written by another tower than {self.tower_hash}; delete the entry")
@@ -158,11 +160,6 @@ def fill_in_subprocess(
     how many images were computed (0, without starting a process, when everything is cached). `parent`: this
     process's cache of the same tower, if it has one (else a copy of the tower is loaded to find what is missing).
     """
-    import concurrent.futures
-    import multiprocessing
-
-    from mllm.vision import build_vision_tower
-
     parent = parent or FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype))
     missing = [im for im in images if im not in parent]
     if not missing:
@@ -177,6 +174,4 @@ def fill_in_subprocess(
 
 
 def _fill_child(vision_cfg, dtype: torch.dtype, root: str, images: list) -> int:
-    from mllm.vision import build_vision_tower
-
     return FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype)).fill(images, progress=False)

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import torch
+import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -33,7 +34,6 @@ def _load_vision_model(path: str, dtype: torch.dtype, trust_remote_code: bool):
                 f"{path}: a composite '{config.model_type}' model; mllm knows how to take the vision half of "
                 f"{sorted(_VISION_ONLY_CLASS)} only. Save its vision model alone and pass that directory."
             )
-        import transformers
 
         return getattr(transformers, name).from_pretrained(
             path, dtype=dtype, key_mapping=_VISION_KEY_MAPPING.get(config.model_type)
