@@ -12,7 +12,7 @@ Layout of a checkpoint directory::
 
 A directory is written under a temporary name and renamed into place only
 after COMPLETE is on disk, so a crash mid-save never leaves a checkpoint that
-looks complete. `load_checkpoint` verifies the manifest: the size of every
+looks complete. `load_model_and_config` verifies the manifest: the size of every
 file, and the hash of every weight file it reads (a same-size corruption, a
 flipped byte, is caught and the file named); every tensor it loads must be
 finite. Hashing is xxh3-128 (xxhash): not cryptographic, which is not the
@@ -33,9 +33,13 @@ from typing import Any, Literal
 
 import torch
 import xxhash
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from mllm.config import FORMAT_VERSION, ModelConfig
+from mllm.connectors import CONNECTORS
+from mllm.model import build_model, resolve_runtime
+from mllm.vision import VISION_TOWERS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ WEIGHT_FILES = (
     "llm.safetensors",
     "adapter/adapter_model.safetensors",
 )
-"""The weight files a checkpoint may hold (relative paths), those `load_checkpoint` reads."""
+"""The weight files a checkpoint may hold (relative paths), those `load_model_and_config` reads."""
 _CHUNK = 8 * 2**20
 
 
@@ -106,8 +110,6 @@ def trainable_state_dicts(model) -> dict[str, dict[str, torch.Tensor]]:
     if cfg.vision.trainable == "full":
         out["vision"] = _cpu(model.vision.state_dict())
     if cfg.llm.mode in ("lora", "qlora"):
-        from peft import get_peft_model_state_dict
-
         out["adapter"] = _cpu(get_peft_model_state_dict(model.llm))
     elif cfg.llm.mode == "full":
         out["llm"] = _cpu(model.llm.state_dict())
@@ -274,7 +276,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint(
+def load_model_and_config(
     path: str | os.PathLike,
     dtype: str | None = None,
     device: str | None = None,
@@ -293,10 +295,6 @@ def load_checkpoint(
     `--no-verify` of the commands), and every tensor loaded must be finite: else a `CheckpointError` names the
     file (and the tensor).
     """
-    from mllm.connectors import CONNECTORS
-    from mllm.model import build_model, resolve_runtime
-    from mllm.vision import VISION_TOWERS
-
     config = read_config(path)
     d = Path(config["_path"])
     weight_files = [rel for rel in WEIGHT_FILES if (d / rel).is_file()]
@@ -309,7 +307,7 @@ def load_checkpoint(
         ("connector", CONNECTORS, mcfg.connector.kind),
         ("vision tower", VISION_TOWERS, mcfg.vision.kind),
     ):
-        if name not in registry and not (what == "vision tower" and name == "efficientnet-lite0"):
+        if name not in registry:
             raise CheckpointError(f"{d}: unknown {what} {name!r} in {CONFIG_FILE}; known: {registry.names()}")
     # The Q-Former's sizes are saved explicit and its weights are in connector.safetensors: no BERT needed.
     mcfg.connector.qformer_init = ""
@@ -335,8 +333,6 @@ def load_checkpoint(
     if "llm" in weights:
         model.llm.load_state_dict(weights["llm"])
     if "adapter" in weights:
-        from peft import set_peft_model_state_dict
-
         result = set_peft_model_state_dict(model.llm, weights["adapter"])
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{d}: adapter weights do not fit the LLM: {result.unexpected_keys[:3]}")

@@ -17,6 +17,9 @@ IMAGE_TOKEN_ID = -200
 IMAGE_PLACEHOLDER = "<image>"
 """The placeholder users write in their text; each one is one image."""
 
+IGNORE_INDEX = -100
+"""Label of a position the loss skips (prompt, image tokens, padding): PyTorch's `cross_entropy` default."""
+
 FORMAT_VERSION = 1
 """Version of the saved model config / checkpoint layout."""
 

@@ -1,11 +1,21 @@
-"""A tiny name → factory registry with a loud error on an unknown key."""
+"""A tiny name → factory registry with a loud error on an unknown key, and lazy entries for optional dependencies."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """A registered name whose factory is `module:attr`, imported on first `get` (its module may need extras)."""
+
+    module: str
+    attr: str
 
 
 class Registry(Generic[T]):
@@ -18,12 +28,25 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
-            if name in self._items:
+            if name in self._items or name in self._aliases:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = item
             return item
 
         return add
+
+    def register_lazy(self, name: str, target: str) -> None:
+        """Register `name` as `target` ("package.module:attr"), imported only when `get(name)` first asks for it.
+
+        For entries whose module needs an optional dependency: the name is known (listed, checked, accepted in
+        configs) without the extra installed, and the import error, if any, comes when the entry is used.
+        """
+        module, _, attr = target.partition(":")
+        if not module or not attr:
+            raise ValueError(
+                f"{self.kind} {name!r}: lazy target must be 'package.module:attr', got {target!r}"
+            )
+        self.register(name)(_Lazy(module, attr))  # type: ignore[arg-type]
 
     def alias(self, alias: str, name: str) -> None:
         """Let `alias` (another name users write for the same thing) stand for the registered `name`."""
@@ -41,11 +64,15 @@ class Registry(Generic[T]):
         return name
 
     def get(self, name: str) -> T:
-        return self._items[self.canonical(name)]
+        name = self.canonical(name)
+        item = self._items[name]
+        if isinstance(item, _Lazy):
+            item = self._items[name] = getattr(importlib.import_module(item.module), item.attr)
+        return item
 
     def names(self) -> list[str]:
-        """The registered names (aliases not included)."""
-        return sorted(self._items)
+        """The registered names in registration order (aliases not included)."""
+        return list(self._items)
 
     def aliases(self) -> dict[str, str]:
         """alias → registered name."""

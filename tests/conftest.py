@@ -30,7 +30,7 @@ def one_process_group():
 @pytest.fixture(scope="session")
 def backbones(tmp_path_factory) -> dict[str, str]:
     """{'clip', 'siglip', 'llama', 'qwen2', 'gpt2', 'phi3'} → directory of a tiny random HF model."""
-    from mllm.backbones import make_all
+    from mllm.testing import make_all
 
     return make_all(str(tmp_path_factory.mktemp("backbones")))
 
@@ -55,6 +55,6 @@ def tiny_config(backbones):
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """Directory of a tiny random BERT with its WordPiece tokenizer (a Q-Former init)."""
-    from mllm.backbones import make_bert
+    from mllm.testing import make_bert
 
     return make_bert(str(tmp_path_factory.mktemp("bert")))

@@ -10,7 +10,7 @@ import torch
 from helpers import make_checkpoint, make_image
 
 import mllm
-from mllm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, verify
+from mllm.checkpoint import CheckpointError, latest_checkpoint, load_model_and_config, verify
 from mllm.config import IMAGE_TOKEN_ID
 
 
@@ -24,7 +24,7 @@ def test_round_trip_and_top_level_api(tmp_path, tiny_config):
     cfg = tiny_config("clip", "qwen2", "qformer", mode="lora")
     ckpt = make_checkpoint(tmp_path / "checkpoint-3", cfg, edit=saved.append)
     original = saved[0].eval()
-    model, config = load_checkpoint(tmp_path)  # an output directory → its newest complete checkpoint
+    model, config = load_model_and_config(tmp_path)  # an output directory → its newest complete checkpoint
     assert config["_path"].endswith("checkpoint-3") and model.config.connector.kind == "qformer"
     trained = {n: p for n, p in original.named_parameters() if p.requires_grad}  # connector + LoRA
     loaded = dict(model.named_parameters())
@@ -67,19 +67,19 @@ def test_unknown_connector_and_format_version_are_refused(tmp_path, tiny_config)
 
     mark_complete(ckpt)
     with pytest.raises(CheckpointError, match="format version 99"):
-        load_checkpoint(ckpt)
+        load_model_and_config(ckpt)
     config["format_version"] = 1
     config["model"]["connector"]["kind"] = "perceiver-xl"
     (ckpt / "mllm_config.json").write_text(json.dumps(config))
     mark_complete(ckpt)
     with pytest.raises(CheckpointError, match="unknown connector 'perceiver-xl'"):
-        load_checkpoint(ckpt)
+        load_model_and_config(ckpt)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_checkpoint(tmp_path / "missing")
+        load_model_and_config(tmp_path / "missing")
 
 
 def test_load_4bit_quantises_a_frozen_llm(tmp_path, tiny_config):
     ckpt = make_checkpoint(tmp_path / "c", tiny_config("clip", "llama", "mlp"))
-    model, _ = load_checkpoint(ckpt, dtype="bf16", load_4bit=True)
+    model, _ = load_model_and_config(ckpt, dtype="bf16", load_4bit=True)
     assert any(type(m).__name__ == "Linear4bit" for m in model.llm.modules())
     assert torch.isfinite(_logits(model)).all()

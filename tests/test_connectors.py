@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mllm.config import ConnectorConfig
-from mllm.connectors import build_connector
+from mllm.connectors import CONNECTORS, Connector, build_connector
 
 VIT_L_336 = dict(vision_dim=1024, vision_tokens=576, llm_dim=4096)
 
@@ -30,6 +30,18 @@ def test_linear_and_deeper_mlp_counts():
     assert _count(ConnectorConfig(kind="mlp", projector="mlp3x_gelu")) == 1024 * 4096 + 4096 + 2 * (
         4096 * 4096 + 4096
     )
+
+
+@pytest.mark.parametrize("kind", CONNECTORS.names())
+def test_every_registered_connector_keeps_the_contract(kind):
+    """`Connector`'s contract: a subclass, K known before any forward, [I, N, Dv] → [I, K, D_llm] in its dtype."""
+    cfg = ConnectorConfig(kind=kind, num_queries=8, num_layers=2, num_heads=4, hidden_size=32)
+    conn = build_connector(cfg, vision_dim=48, vision_tokens=16, llm_dim=64)
+    assert isinstance(conn, Connector) and isinstance(conn.num_tokens, int) and conn.num_tokens > 0
+    assert conn.instruction_aware is False
+    for images in (1, 3):
+        out = conn(torch.randn(images, 16, 48))
+        assert out.shape == (images, conn.num_tokens, 64) and out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("kind", ["qformer", "resampler"])

@@ -9,8 +9,8 @@ import os
 import pytest
 from PIL import Image
 
-from mllm.backbones.tokenizers import make_tokenizer
 from mllm.data import BadSampleError, build_dataset, load_recipe
+from mllm.testing.tokenizers import make_tokenizer
 
 
 @functools.lru_cache

@@ -6,10 +6,10 @@ import json
 
 from test_data_bad_samples import CASES, make_data
 
-from mllm.backbones.tokenizers import make_tokenizer
 from mllm.cli import main
 from mllm.data import build_dataset, load_recipe
 from mllm.data import scan as scan_module
+from mllm.testing.tokenizers import make_tokenizer
 
 
 def test_check_reports_every_bad_sample_and_fails(tmp_path, capsys):

@@ -7,10 +7,10 @@ import functools
 
 import pytest
 
-from mllm.backbones.make import LLM_FAMILIES
-from mllm.backbones.tokenizers import make_tokenizer
 from mllm.config import IMAGE_TOKEN_ID
 from mllm.data import IGNORE_INDEX, TEMPLATES, BadSampleError, encode_conversation
+from mllm.testing.backbones import LLM_FAMILIES
+from mllm.testing.tokenizers import make_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},

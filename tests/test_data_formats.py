@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm.backbones.tokenizers import make_tokenizer
 from mllm.config import IMAGE_TOKEN_ID
 from mllm.data import IGNORE_INDEX, Collator, build_dataset, build_streaming_dataset, load_recipe
 from mllm.data.sources import detect_format
+from mllm.testing.tokenizers import make_tokenizer
 
 HERE = os.path.join(os.path.dirname(__file__), "data")
 K = 3

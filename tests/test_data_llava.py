@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm.backbones.tokenizers import make_tokenizer
 from mllm.config import IMAGE_TOKEN_ID
 from mllm.data import IGNORE_INDEX, Collator, build_dataset, load_recipe
+from mllm.testing.tokenizers import make_tokenizer
 
 HERE = os.path.join(os.path.dirname(__file__), "data")
 PRETRAIN = os.path.join(HERE, "llava_pretrain_558k_sample.json")

@@ -14,8 +14,8 @@ FORMATS = {"blip2": "hf-blip2", "instructblip": "hf-instructblip"}
 @pytest.fixture(scope="module")
 def sources(backbones, tmp_path_factory) -> dict[str, str]:
     """{'blip2', 'instructblip'} → a tiny random transformers directory (tiny llama LLM) with its processor."""
-    from mllm.backbones import make_bert
-    from mllm.backbones.make import make_blip2
+    from mllm.testing import make_bert
+    from mllm.testing.backbones import make_blip2
 
     root = tmp_path_factory.mktemp("blip2")
     bert = make_bert(str(root / "bert"))

@@ -14,10 +14,11 @@ from transformers import AutoTokenizer
 
 from mllm.config import VisionConfig
 from mllm.data import build_dataset, load_recipe
+from mllm.data.features import CachedFeatureDataset
 from mllm.data.packing import PackingCollator
 from mllm.model import build_model
 from mllm.vision import build_vision_tower
-from mllm.vision.cache import CachedFeatureDataset, FeatureCache
+from mllm.vision.cache import FeatureCache
 
 
 def _images(folder, n=3, seed=0) -> list[str]:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from mllm.backbones.fetch import MARKER, GGUFSource, fetch, locate_gguf
+from mllm.fetch import MARKER, GGUFSource, fetch, locate_gguf
 
 
 @pytest.mark.slow
@@ -45,7 +45,7 @@ def test_fetch_writes_a_loadable_hf_directory_that_answers_and_is_cached(tmp_pat
 
 
 def test_an_incomplete_directory_is_not_taken_for_a_fetched_one(tmp_path):
-    from mllm.backbones.fetch import is_fetched
+    from mllm.fetch import is_fetched
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"x" * 10)
@@ -70,7 +70,7 @@ def test_missing_package_says_how_to_install_it():
 
 
 def test_cli_fetch_prints_the_directory(tmp_path, capsys, monkeypatch):
-    from mllm.backbones import fetch as fetch_module
+    from mllm import fetch as fetch_module
     from mllm.cli import main
 
     calls = []

@@ -18,9 +18,9 @@ import pytest
 import torch
 from hostile.corpus import IMAGE_TOKENS, write_corpus
 
-from mllm.backbones.tokenizers import make_tokenizer
 from mllm.data import BadSampleError, Collator, build_dataset, load_recipe
 from mllm.data.images import open_image
+from mllm.testing.tokenizers import make_tokenizer
 
 
 @functools.lru_cache

@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 
-from mllm.backbones import LLM_FAMILIES, VISION_FAMILIES
 from mllm.config import IMAGE_TOKEN_ID
 from mllm.connectors import CONNECTORS
 from mllm.model import build_model, parameter_table
+from mllm.testing import LLM_FAMILIES, VISION_FAMILIES
 
 
 def _sample(model, n_images: int, prefix=(5, 6), suffix=(7, 8, 9)):

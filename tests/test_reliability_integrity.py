@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import make_checkpoint
 
-from mllm.checkpoint import COMPLETE_FILE, CheckpointError, latest_checkpoint, load_checkpoint
+from mllm.checkpoint import COMPLETE_FILE, CheckpointError, latest_checkpoint, load_model_and_config
 from mllm.cli import main as mllm_main
 from mllm.train import checkpointing
 from mllm.train import distributed as dist
@@ -56,14 +56,14 @@ NAN_BYTES = b"\x00\x00\xc0\x7f" * 16  # 16 float32 NaNs, the issue's "last 64 by
 @pytest.mark.parametrize("mode", ["frozen", "full", "lora"])
 def test_same_size_corruption_of_each_weight_file_is_caught_with_the_file_named(tmp_path, tiny_config, mode):
     ckpt = Path(make_checkpoint(tmp_path / "c", tiny_config(mode=mode)))
-    load_checkpoint(ckpt)  # intact: loads
+    load_model_and_config(ckpt)  # intact: loads
     damaged = ckpt / WEIGHT_FILE[mode]
     overwrite_tail(damaged, NAN_BYTES)
     with pytest.raises(CheckpointError, match=f"{damaged}: its content differs from the xxh3_128 hash"):
-        load_checkpoint(ckpt)
+        load_model_and_config(ckpt)
     # --no-verify skips the hash, never the values: the NaNs are named with their tensor
     with pytest.raises(CheckpointError, match=f"{damaged}: tensor '.+' holds 16 non-finite value"):
-        load_checkpoint(ckpt, verify_hashes=False)
+        load_model_and_config(ckpt, verify_hashes=False)
 
 
 def test_nonfinite_weights_saved_with_a_valid_manifest_are_refused(tmp_path, tiny_config):
@@ -73,7 +73,7 @@ def test_nonfinite_weights_saved_with_a_valid_manifest_are_refused(tmp_path, tin
     ckpt = Path(make_checkpoint(tmp_path / "c", tiny_config(), edit=poison))
     (name,) = load_weights_names(ckpt)
     with pytest.raises(CheckpointError, match=f"connector.safetensors: tensor '{name}' holds 1 non-finite"):
-        load_checkpoint(ckpt)
+        load_model_and_config(ckpt)
 
 
 def load_weights_names(ckpt: Path) -> list[str]:
@@ -88,7 +88,7 @@ def test_a_manifest_without_hashes_still_loads(tmp_path, tiny_config):
     manifest = json.loads((ckpt / COMPLETE_FILE).read_text())
     old = {rel: entry["size"] for rel, entry in manifest["files"].items()}  # the format before hashes
     (ckpt / COMPLETE_FILE).write_text(json.dumps({"files": old}))
-    load_checkpoint(ckpt)
+    load_model_and_config(ckpt)
 
 
 def test_chat_names_the_damaged_connector_and_no_verify_still_refuses_its_nan(tmp_path, tiny_config, capsys):
@@ -243,7 +243,7 @@ def test_two_processes_skip_a_step_poisoned_on_one_rank_stop_after_a_run_of_them
     assert records[-1]["skipped_steps"] == 3
     summary = json.loads((z3 / "summary.json").read_text())
     assert summary["skipped_steps"] == 3 and summary["stopped_by"] == "non-finite steps"
-    load_checkpoint(z3)  # the last finite checkpoint: intact and loadable
+    load_model_and_config(z3)  # the last finite checkpoint: intact and loadable
 
     resumed = launch(script, args + ["--max-steps", "6"], 29420, None)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import make_checkpoint
 
-from mllm.checkpoint import CheckpointError, load_checkpoint, mark_complete
+from mllm.checkpoint import CheckpointError, load_model_and_config, mark_complete
 from mllm.config import LLMConfig, ModelConfig
 from mllm.model import build_model
 from mllm.train.config import TrainConfig, add_config_arguments, resolve_config
@@ -171,9 +171,9 @@ def test_a_checkpoint_cannot_switch_trust_remote_code_on(backbones, tmp_path, ti
     make_checkpoint(ckpt, ModelConfig.from_dict(cfg.to_dict()))
     sentinel.unlink()  # written while making the checkpoint (that run trusted the code)
     with pytest.raises(ValueError, match="trust_remote_code"):
-        load_checkpoint(ckpt)
+        load_model_and_config(ckpt)
     assert not sentinel.exists()
-    model, _ = load_checkpoint(
+    model, _ = load_model_and_config(
         ckpt, trust_remote_code=True
     )  # (its module is imported already: no new sentinel)
     assert type(model.llm).__name__ == "RemoteForCausalLM"
@@ -203,7 +203,7 @@ def test_a_checkpoint_naming_unknown_parts_is_refused_clearly(tmp_path, tiny_con
     ckpt = Path(make_checkpoint(tmp_path / "c", tiny_config()))
     rewrite_config(ckpt, edit)
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(")) as err:
-        load_checkpoint(ckpt)
+        load_model_and_config(ckpt)
     assert str(ckpt) in str(err.value)
 
 
@@ -232,6 +232,6 @@ def test_chat_eval_and_export_run_folder_code_only_with_the_flag(backbones, tmp_
         assert main(argv) == 2, name
         assert "trust_remote_code" in capsys.readouterr().err, name
         assert main([*argv, "--trust-remote-code"]) == 0, name
-    assert load_checkpoint(tmp_path / "merged", trust_remote_code=True)[0].llm.__class__.__name__ == (
+    assert load_model_and_config(tmp_path / "merged", trust_remote_code=True)[0].llm.__class__.__name__ == (
         "RemoteForCausalLM"
     )

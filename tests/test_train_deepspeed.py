@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mllm.checkpoint import latest_checkpoint, load_checkpoint
+from mllm.checkpoint import latest_checkpoint, load_model_and_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_zero3_zero2_offload_and_one_process_train_the_same_weights(backbones, t
         )
     ckpt = latest_checkpoint(outs["z3"])
     assert sorted(p.name for p in ckpt.glob("rank*_state.pt")) == ["rank0_state.pt", "rank1_state.pt"]
-    model, saved = load_checkpoint(outs["z3"])  # written under ZeRO-3, read without DeepSpeed
+    model, saved = load_model_and_config(outs["z3"])  # written under ZeRO-3, read without DeepSpeed
     assert saved["run"]["zero"].endswith("z3.json") and saved["model"]["llm"]["mode"] == "lora"
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm.checkpoint import latest_checkpoint, load_checkpoint, verify
+from mllm.checkpoint import latest_checkpoint, load_model_and_config, verify
 from mllm.train.config import resolve_config
 from mllm.train.loop import fit, setup, train
 from mllm.train.progress import read_metrics
@@ -109,7 +109,7 @@ def test_stage1_then_lora_then_qlora(backbones, peaked_llm, colours, tmp_path):
     record = read_metrics(tmp_path / "s1")[0]
     assert set(record) >= {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"}
 
-    model, saved = load_checkpoint(tmp_path / "s1")  # no DeepSpeed involved from here on
+    model, saved = load_model_and_config(tmp_path / "s1")  # no DeepSpeed involved from here on
     assert saved["template"] == "plain" and saved["max_length"] == 2048 and "system_prompt" in saved
     assert saved["run"]["stage"] == 1 and saved["run"]["llm"] == peaked_llm
 
@@ -128,7 +128,7 @@ def test_stage1_then_lora_then_qlora(backbones, peaked_llm, colours, tmp_path):
     assert changed and all(n.startswith("connector.") or ".lora_" in n for n in changed), sorted(changed)[:5]
     assert {n for n in names if ".lora_B." in n} <= changed  # the adapters did train
     assert falls(tmp_path / "s2", by=3.0)
-    lora_model, saved = load_checkpoint(tmp_path / "s2")
+    lora_model, saved = load_model_and_config(tmp_path / "s2")
     assert saved["run"]["llm_mode"] == "lora" and saved["run"]["vision"] == backbones["clip"]
     ckpt = latest_checkpoint(tmp_path / "s2")
     assert sorted(os.listdir(ckpt / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -137,7 +137,7 @@ def test_stage1_then_lora_then_qlora(backbones, peaked_llm, colours, tmp_path):
     summary, changed, names = run_and_diff(s3)
     assert changed and all(n.startswith("connector.") or ".lora_" in n for n in changed), sorted(changed)[:5]
     assert falls(tmp_path / "s3", by=3.0)
-    qlora_model, saved = load_checkpoint(tmp_path / "s3")
+    qlora_model, saved = load_model_and_config(tmp_path / "s3")
     assert saved["model"]["llm"]["mode"] == "qlora"
 
 
@@ -181,7 +181,9 @@ def test_attention_auto_trains_short_rows_with_eager_and_the_same_weights_as_sdp
     assert kernels == {"auto": "eager", "sdpa": "sdpa"}  # the colour samples are a few dozen tokens long
     for name, w in weights["auto"].items():
         torch.testing.assert_close(w, weights["sdpa"][name], atol=1e-5, rtol=1e-4, msg=name)
-    assert load_checkpoint(tmp_path / "auto")[1]["model"]["attn_implementation"] == "auto"  # chosen per run
+    assert (
+        load_model_and_config(tmp_path / "auto")[1]["model"]["attn_implementation"] == "auto"
+    )  # chosen per run
 
 
 @pytest.mark.slow
@@ -271,7 +273,7 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(backbones,
     previous = latest_checkpoint(out)
     assert previous is not None and previous.name == f"checkpoint-{killed_step - 1}"
     verify(previous)
-    load_checkpoint(previous)
+    load_model_and_config(previous)
 
     cfg = config(backbones, colours, out, max_steps=12, save_every=1, keep_last=2)
     summary = train(cfg)  # resumes automatically from `previous`
@@ -398,7 +400,7 @@ def test_instruction_aware_qformer_trains_end_to_end(backbones, tiny_bert, colou
 
     ckpt = latest_checkpoint(tmp_path / "s2")
     assert (ckpt / QFORMER_TOKENIZER_DIR / "tokenizer_config.json").is_file()
-    model, saved = load_checkpoint(ckpt)
+    model, saved = load_model_and_config(ckpt)
     processor = Processor.from_checkpoint(model, saved)
     image = Image.new("RGB", (32, 32), COLOURS["red"])
     a = processor([Conversation.single("What colour is this?", [image])])
@@ -415,10 +417,10 @@ def test_a_transformers_blip2_fine_tunes_with_lora_and_exports_back(backbones, c
     transformers model computes the fine-tuned checkpoint's logits."""
     import transformers
 
-    from mllm.backbones.make import make_blip2
     from mllm.cli import main
     from mllm.config import IMAGE_TOKEN_ID
     from mllm.inference import Conversation, load_pretrained
+    from mllm.testing.backbones import make_blip2
 
     source = make_blip2(str(tmp_path / "blip2"), backbones["llama"])
     assert main(["import", source, str(tmp_path / "imported")]) == 0

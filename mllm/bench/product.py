@@ -16,6 +16,7 @@ import torch
 
 from mllm.bench.meter import StepMeter, peak_rss_mb
 from mllm.bench.rows import Row
+from mllm.train.batches import supervised_tokens
 
 
 def train_config(
@@ -94,8 +95,7 @@ class MeteredStream:
         batch = self.stream.next()
         wait = time.perf_counter() - t
         lengths, images = batch_samples(batch, self.pad_token_id)
-        supervised = int((batch["labels"][:, 1:] != -100).sum()) if batch["labels"].numel() else 0
-        self.meter.batch(lengths, images, batch["input_ids"].numel(), supervised, wait)
+        self.meter.batch(lengths, images, batch["input_ids"].numel(), supervised_tokens(batch), wait)
         return batch
 
     @property

@@ -181,7 +181,7 @@ def hf_dataset(recipe: str, tokenizer, image_token_id: int, patches: int):
 
 class ReferenceCollator:
     """Opens and preprocesses each sample's image (in the dataloader worker, like TRL's vision collators), right-pads
-    ids (pad token) and labels (-100), and stacks the pixel values of the samples that have an image."""
+    ids (pad token) and labels (IGNORE_INDEX), and stacks the pixel values of the samples that have an image."""
 
     def __init__(self, pad_token_id: int, processor):
         self.pad_token_id = pad_token_id

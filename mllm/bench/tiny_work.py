@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mllm.backbones.make import TinySize, make_vision
-from mllm.backbones.tokenizers import make_tokenizer
 from mllm.config import IMAGE_PLACEHOLDER
+from mllm.testing.backbones import TinySize, make_vision
+from mllm.testing.tokenizers import make_tokenizer
 
 _WORDS = "the a image shows dog cat red blue table window sky people small large left right two three".split()
 

@@ -69,9 +69,6 @@ def recipe_dataset(recipe_path: str, tokenizer, image_tokens: int, preprocess):
 
 def encoded_item(dataset, i: int):
     """(sample, encoded ids/labels, absolute image paths) of item `i` of a `MultimodalDataset`, without decoding images."""
-    from mllm.data.images import resolve_image_path
-
     item, reader = dataset.items[i], dataset.reader
     sample, enc = reader.encode(item.source, item.index)
-    root = reader.sources[item.source].spec.image_root or reader.recipe.image_root
-    return sample, enc, [resolve_image_path(root, ref) for ref in sample.images[: enc.num_images]]
+    return sample, enc, reader.image_paths(sample, item.source, enc.num_images)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from mllm.backbones import LLM_FAMILIES, VISION_FAMILIES, TinySize, make_all
+from mllm.fetch import fetch
+from mllm.testing import LLM_FAMILIES, VISION_FAMILIES, TinySize, make_all
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,5 @@ def run(args: argparse.Namespace) -> int:
         for name, path in make_all(args.out, size, llms=args.llm, visions=args.vision).items():
             print(f"{name:<8} {path}")
         return 0
-    from mllm.backbones.fetch import fetch
-
     print(fetch(args.name, args.out))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Heavy modules (torch, transformers, the model) are imported inside the functions that need them, when the
+# command runs: parsing arguments and `--help` stay instant.
 import argparse
 
 from mllm.cli import UserError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Heavy modules (torch, transformers, the model) are imported inside the functions that need them, when the
+# command runs: parsing arguments and `--help` stay instant.
 import argparse
 import logging
 
@@ -39,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-adapters",
         action="store_true",
-        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, ~1.75x faster on CPU)",
+        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, which runs faster)",
     )
     p.add_argument("--no-progress", action="store_true")
     add_trust_remote_code(p)

@@ -40,6 +40,6 @@ def quiet_libraries() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessages) for f in logger.filters):
             logger.addFilter(DropMessages(fragments))
-    from transformers.utils import logging as transformers_logging
+    from transformers.utils import logging as transformers_logging  # start-up: not for `mllm --help`
 
     transformers_logging.disable_progress_bar()

@@ -6,6 +6,8 @@ answer over HTTP is the answer `mllm chat --prompt` prints.
 
 from __future__ import annotations
 
+# Heavy modules (torch, transformers, the model) are imported inside the functions that need them, when the
+# command runs: parsing arguments and `--help` stay instant.
 import argparse
 import dataclasses
 import os

@@ -6,6 +6,8 @@ otherwise put --local_rank before the subcommand; the rank is read from the envi
 
 from __future__ import annotations
 
+# Heavy modules (torch, transformers, the model) are imported inside the functions that need them, when the
+# command runs: parsing arguments and `--help` stay instant.
 import argparse
 
 from mllm.train.config import add_config_arguments

@@ -1,10 +1,13 @@
-"""Connectors: vision features [B, N, Dv] → visual tokens [B, K, D_llm]. One file each, one registry line each."""
+"""Connectors: vision features [I, N, Dv] → visual tokens [I, K, D_llm]. One file each, one registry line each.
+
+A new connector subclasses `Connector` (its docstring states the contract) in its own file and adds one
+`CONNECTORS.register` line here.
+"""
 
 from __future__ import annotations
 
-from torch import nn
-
 from mllm.config import ConnectorConfig
+from mllm.connectors.base import Connector
 from mllm.connectors.mlp import MLPProjector
 from mllm.connectors.qformer import QFormerConnector
 from mllm.connectors.resampler import PerceiverResampler
@@ -16,9 +19,10 @@ CONNECTORS.register("qformer")(QFormerConnector)
 CONNECTORS.register("resampler")(PerceiverResampler)
 
 
-def build_connector(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, llm_dim: int) -> nn.Module:
-    """The built module exposes `num_tokens`: visual tokens per image, known before any forward."""
+def build_connector(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, llm_dim: int) -> Connector:
+    """The registered connector `cfg.kind` for features [I, N=vision_tokens, Dv=vision_dim] → [I, K, D=llm_dim];
+    its `num_tokens` (K) is known before any forward (see `Connector`)."""
     return CONNECTORS.get(cfg.kind)(cfg, vision_dim, vision_tokens, llm_dim)
 
 
-__all__ = ["CONNECTORS", "build_connector"]
+__all__ = ["CONNECTORS", "Connector", "build_connector"]

@@ -12,11 +12,18 @@ import torch
 from torch import nn
 
 from mllm.config import ConnectorConfig
+from mllm.connectors.base import Connector
 
 
-class MLPProjector(nn.Module):
+class MLPProjector(Connector):
+    """LLaVA's projector: each of the N patch features [I, N, Dv] → one LLM embedding [I, N, D_llm] (K = N).
+
+    Keeps every patch (no compression), so the LLM sees the tower's full spatial detail at N tokens per image;
+    `linear` is LLaVA-1's, `mlp2x_gelu` LLaVA-1.5's (a GELU between layers lets stage 1 learn a non-linear map).
+    """
+
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, llm_dim: int):
-        super().__init__()
+        super().__init__(cfg, vision_dim, vision_tokens, llm_dim)
         depth = (
             1 if cfg.projector == "linear" else int(re.fullmatch(r"mlp(\d+)x_gelu", cfg.projector).group(1))
         )

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from mllm.config import ConnectorConfig
+from mllm.connectors.base import Connector
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,16 @@ def resolve_qformer_config(cfg: ConnectorConfig) -> ConnectorConfig:
     return dataclasses.replace(cfg, **updates)
 
 
-class QFormerConnector(nn.Module):
+class QFormerConnector(Connector):
+    """BLIP-2's Q-Former: features [I, N, Dv] → K = `num_queries` tokens [I, K, D_llm] (see the module docstring).
+
+    K learned queries cross-attend to the frozen tower's features every `cross_attention_frequency` layers; a
+    linear layer maps their outputs to the LLM width. Instruction-aware (InstructBLIP), `forward` also reads each
+    image's instruction ids and mask [I, T] in the Q-Former's own tokenizer, so the queries pick what it asks for.
+    """
+
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, llm_dim: int):
-        super().__init__()
+        super().__init__(cfg, vision_dim, vision_tokens, llm_dim)
         cfg = resolve_qformer_config(cfg)
         width = cfg.hidden_size or vision_dim
         if width % cfg.num_heads:

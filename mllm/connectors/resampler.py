@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mllm.config import ConnectorConfig
+from mllm.connectors.base import Connector
 
 
 class _ResamplerLayer(nn.Module):
@@ -25,9 +26,15 @@ class _ResamplerLayer(nn.Module):
         return latents + self.ffn(latents)
 
 
-class PerceiverResampler(nn.Module):
+class PerceiverResampler(Connector):
+    """Flamingo's resampler: features [I, N, Dv] → K = `num_queries` tokens [I, K, D_llm], whatever N is.
+
+    K learned latents cross-attend to the projected features (and to themselves) in `num_layers` layers, so the
+    LLM's sequence cost per image is fixed at K however many patches the tower emits.
+    """
+
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, llm_dim: int):
-        super().__init__()
+        super().__init__(cfg, vision_dim, vision_tokens, llm_dim)
         width = cfg.hidden_size or vision_dim
         if width % cfg.num_heads:
             raise ValueError(f"resampler width {width} is not divisible by num_heads {cfg.num_heads}")

@@ -8,9 +8,10 @@ loader = DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad
 
 from __future__ import annotations
 
+from mllm.config import IGNORE_INDEX
 from mllm.data.collate import Collator, pack_rows
 from mllm.data.dataset import MultimodalDataset, build_dataset
-from mllm.data.encode import IGNORE_INDEX, ConversationEncoder, encode_conversation
+from mllm.data.encode import ConversationEncoder, encode_conversation
 from mllm.data.errors import BadSampleError
 from mllm.data.packing import PackingCollator, causal_block_mask
 from mllm.data.recipe import Recipe, SourceSpec, load_recipe

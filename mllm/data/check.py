@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mllm.data.dataset import open_reader, recipe_tasks
+from mllm.data.dataset import recipe_tasks
 from mllm.data.encode import ConversationEncoder
 from mllm.data.errors import BadSampleError
 from mllm.data.images import open_image
+from mllm.data.reader import open_reader
 from mllm.data.recipe import Recipe
 from mllm.data.sample import validate
 from mllm.data.scan import ScanResult, scan
@@ -169,7 +170,7 @@ def _stream_scan(recipe: Recipe, tokenizer, image_tokens: int, progress: bool) -
                     validate(sample)
                     enc = encoder.encode_full(sample.messages)
                     for ref in sample.images:
-                        open_image(ref, spec.image_root or recipe.image_root, recipe.max_image_pixels)
+                        open_image(ref, recipe.image_root_of(spec), recipe.max_image_pixels)
                     rows.append((si, n, len(enc.input_ids), enc.full_length, enc.num_images > 0))
                 except BadSampleError as e:
                     bad[len(rows)] = e.located(source=spec.name, index=n, line=None, sample_id=key).record()

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mllm.data.encode import IGNORE_INDEX
+from mllm.config import IGNORE_INDEX
 from mllm.data.instruction import encode_instructions
 
 

@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mllm.data.encode import ConversationEncoder
 from mllm.data.errors import BadSampleError
 from mllm.data.instruction import instruction_text
+from mllm.data.reader import SampleReader, open_reader
 from mllm.data.recipe import Recipe, SourceSpec
-from mllm.data.scan import SampleReader, ScanResult, cached_length_scan
-from mllm.data.sources import open_source
+from mllm.data.scan import ScanResult, cached_length_scan
 
 log = logging.getLogger("mllm.data")
 
@@ -178,13 +177,6 @@ def _error_fields(record: dict[str, Any]) -> dict[str, Any]:
         "line": record["line"],
         "sample_id": record["id"],
     }
-
-
-def open_reader(recipe: Recipe, tokenizer, image_tokens: int) -> SampleReader:
-    sources = [open_source(spec) for spec in recipe.sources]
-    return SampleReader(
-        recipe, sources, ConversationEncoder(tokenizer, recipe.template, image_tokens, recipe.max_length)
-    )
 
 
 def build_dataset(

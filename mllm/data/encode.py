@@ -1,8 +1,8 @@
 """Conversation → (input_ids, labels), built together: one tokenisation of the rendered text, labels from spans.
 
-Each `<image>` becomes `image_tokens` copies of IMAGE_TOKEN_ID (label -100).
+Each `<image>` becomes `image_tokens` copies of IMAGE_TOKEN_ID (label IGNORE_INDEX).
 Labels are the token ids inside the template's supervised spans (assistant
-content + end-of-turn) and -100 everywhere else. A token that mixes supervised
+content + end-of-turn) and IGNORE_INDEX (-100) everywhere else. A token that mixes supervised
 text with non-whitespace scaffolding is a template/tokenizer mismatch: it
 raises, it never zeroes the sample's labels.
 """
@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mllm.config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
+from mllm.config import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 from mllm.data.errors import BadSampleError
 from mllm.data.templates import Template, get_template
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mllm.fingerprint import file_fingerprint
+
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".tar")
 _SAMPLE_RE = re.compile(r"^(all|\d+|random:\d+|\d+(\.\d+)?%)$")
 
@@ -103,6 +105,10 @@ class Recipe:
                 f"recipe {self.name!r}: source names must be unique, got {names}; set `name:` on each"
             )
 
+    def image_root_of(self, spec: SourceSpec) -> str:
+        """Where `spec`'s relative image paths start: the source's own image_root, else the recipe's."""
+        return spec.image_root or self.image_root
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -166,20 +172,14 @@ def load_recipe(path: str, **overrides: Any) -> Recipe:
     return recipe
 
 
-FULL_HASH_BYTES = 64 << 20
-"""Data files up to this size are fingerprinted by their whole content; larger ones by their size and samples."""
-SAMPLED_BLOCKS = 64
-"""A larger file: this many evenly spaced 256 KiB blocks (first and last included) are hashed, 16 MiB in all."""
-BLOCK = 256 << 10
-
-
 def data_fingerprint(recipe: Recipe) -> str:
     """A hash of what the recipe feeds a run: its data files' content and each source's selection settings.
 
     Paths do not count (moved data is the same data; a file rewritten in place is not). Images are not read:
-    they are named by the records, which are. A file above `FULL_HASH_BYTES` counts by its size and
-    `SAMPLED_BLOCKS` blocks, so an edit to such a file that keeps its size and misses those blocks goes unseen.
+    they are named by the records, which are. Each file counts as `mllm.fingerprint.file_fingerprint` sees it
+    (a large file by its size and sampled blocks).
     """
+    # Imported here: mllm.data.sources imports this module (SourceSpec), so a top-level import would be a cycle.
     from mllm.data.sources.webdataset import expand_shards, is_webdataset
 
     h = hashlib.blake2b(digest_size=16)
@@ -187,27 +187,6 @@ def data_fingerprint(recipe: Recipe) -> str:
     for s in recipe.sources:
         settings = [s.format, s.sample, s.weight, s.image_column, s.text_column, s.prompt, s.split]
         h.update(json.dumps(settings).encode())
-        if is_webdataset(s.path):
-            files = expand_shards(s.path)
-        elif os.path.isdir(s.path):
-            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(s.path) for f in fs)
-        else:
-            files = [s.path]
-        for path in files:
-            h.update(
-                os.path.relpath(path, s.path if os.path.isdir(s.path) else os.path.dirname(path)).encode()
-            )
-            _hash_content(path, h)
+        for path in expand_shards(s.path) if is_webdataset(s.path) else [s.path]:
+            h.update(file_fingerprint(path).encode())
     return h.hexdigest()
-
-
-def _hash_content(path: str, h) -> None:
-    size = os.path.getsize(path)
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= FULL_HASH_BYTES:
-            h.update(f.read())
-            return
-        for k in range(SAMPLED_BLOCKS):
-            f.seek((size - BLOCK) * k // (SAMPLED_BLOCKS - 1))
-            h.update(f.read(BLOCK))

@@ -15,51 +15,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from mllm.data.encode import ConversationEncoder, Encoded
 from mllm.data.errors import BadSampleError
-from mllm.data.images import open_image
+from mllm.data.reader import SampleReader
 from mllm.data.recipe import Recipe
-from mllm.data.sample import Sample, validate
-from mllm.data.sources import Source
+from mllm.fingerprint import file_fingerprint
 
 CACHE_VERSION = 2
 """Bump when tokenisation or validation changes, so old length caches are not reused."""
 PARALLEL_MIN = 20_000
 """Below this many samples a scan runs in-process: starting workers costs more than it saves."""
 CHUNK = 512
-
-
-class SampleReader:
-    """Everything needed to turn (source, record index) into a validated, encoded sample and its images."""
-
-    def __init__(self, recipe: Recipe, sources: list[Source], encoder: ConversationEncoder):
-        self.recipe = recipe
-        self.sources = sources
-        self.encoder = encoder
-
-    def sample(self, si: int, idx: int) -> Sample:
-        """The validated, normalised sample (system prompt applied) at record `idx` of source `si`."""
-        sample = self.sources[si].sample(idx)
-        if self.recipe.system_prompt and not any(m["role"] == "system" for m in sample.messages):
-            sample.messages.insert(0, {"role": "system", "content": self.recipe.system_prompt})
-        validate(sample)
-        return sample
-
-    def encode(self, si: int, idx: int) -> tuple[Sample, Encoded]:
-        sample = self.sample(si, idx)
-        return sample, self.encoder.encode_full(sample.messages)
-
-    def image_root(self, si: int) -> str | None:
-        """Where source `si`'s relative image paths start: its own image_root, else the recipe's."""
-        return self.sources[si].spec.image_root or self.recipe.image_root
-
-    def load_images(self, sample: Sample, n: int, si: int):
-        root = self.image_root(si)
-        return [open_image(ref, root, self.recipe.max_image_pixels) for ref in sample.images[:n]]
-
-    def locate(self, e: BadSampleError, si: int, idx: int) -> BadSampleError:
-        src = self.sources[si]
-        return e.located(source=src.name, index=idx, line=src.line(idx), sample_id=src.raw_id(idx))
 
 
 @dataclass
@@ -134,20 +99,6 @@ def scan(
 
 
 # ---- on-disk cache of length scans ----------------------------------------------------------------
-def _file_fingerprint(path: str, h) -> None:
-    paths = [path]
-    if os.path.isdir(path):
-        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
-        with open(p, "rb") as f:  # content too: a rewritten file with the same size and mtime must not match
-            h.update(f.read(1 << 20))
-            if st.st_size > 1 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-
-
 def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     r, enc, tok = reader.recipe, reader.encoder, reader.encoder.tokenizer
     h = hashlib.blake2b(digest_size=16)
@@ -159,7 +110,7 @@ def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     for src in reader.sources:
         s = src.spec
         h.update(json.dumps([s.path, s.format, s.image_column, s.text_column, s.prompt, s.split]).encode())
-        _file_fingerprint(s.path, h)
+        h.update(file_fingerprint(s.path, mtime=True).encode())
     h.update(np.asarray(tasks, dtype=np.int64).tobytes())
     return h.hexdigest()
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from mllm.config import IMAGE_TOKEN_ID
-from mllm.data.dataset import open_reader, recipe_tasks
-from mllm.data.encode import IGNORE_INDEX
+from mllm.config import IGNORE_INDEX, IMAGE_TOKEN_ID
+from mllm.data.dataset import recipe_tasks
 from mllm.data.errors import BadSampleError
+from mllm.data.reader import open_reader
 from mllm.data.recipe import Recipe
 
 OPEN, CLOSE = "[[", "]]"

@@ -69,13 +69,14 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 
     def _item(self, name, path, n, key, files) -> dict[str, Any] | None:
         try:
-            sample = shard_sample(key, files, next(s.prompt for s in self.recipe.sources if s.name == name))
+            spec = next(s for s in self.recipe.sources if s.name == name)
+            sample = shard_sample(key, files, spec.prompt)
             if self.recipe.system_prompt and not any(m["role"] == "system" for m in sample.messages):
                 sample.messages.insert(0, {"role": "system", "content": self.recipe.system_prompt})
             validate(sample)
             enc = self.encoder.encode_full(sample.messages)
             images = [
-                open_image(r, self.recipe.image_root, self.recipe.max_image_pixels)
+                open_image(r, self.recipe.image_root_of(spec), self.recipe.max_image_pixels)
                 for r in sample.images[: enc.num_images]
             ]
         except BadSampleError as e:

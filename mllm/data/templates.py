@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from mllm.config import IMAGE_PLACEHOLDER
 from mllm.data.errors import BadSampleError
 from mllm.registry import Registry
@@ -53,8 +55,6 @@ class ChatTemplate(Template):
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def _apply(self, messages, add_generation_prompt: bool) -> str:
-        from jinja2 import TemplateError
-
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt

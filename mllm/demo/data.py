@@ -41,20 +41,20 @@ class DemoData:
     balance_yes_no: bool = True
     """Equal yes and no answers for each wording kind (negated or not × asks colour or shape), so that the
     wording alone cannot answer a training question: easy-VQA's raw "is there a red shape?" is "no" 88% of
-    the time. Measured: with it, 400 LoRA steps leave yes/no at chance (the model never learns to compare
-    question and image that fast); without it the model learns the wording prior (~82% on yes/no)."""
+    the time; without balancing the model learns that wording prior instead of comparing question and image
+    (docs/measurements.md)."""
     questions_per_sample: int = 1
     """Stage 2: up to this many questions about one image in one multi-turn conversation (the image once, in
     the first turn), as LLaVA's instruction data does. The tokens per supervised answer fall with it (the image
-    and the turn scaffolding are paid once), so the same compute trains on more answers. Measured with 4 on the
-    default demo: 22 instead of 29 tokens per question, but no accuracy gain in the same time (test questions
-    come one per conversation), so the demo keeps 1."""
+    and the turn scaffolding are paid once), so the same compute trains on more answers; on the default demo
+    that bought no accuracy in the same time (test questions come one per conversation: docs/measurements.md),
+    so the demo keeps 1."""
     text_yes_no: float = 0.0
     """Stage 2: this share of the yes/no questions is also asked about a caption in words — a text-only
     sample ("A red circle.\nis there a blue shape?" → "no"), its caption drawn from the training images so
-    that yes and no come equally often. SmolLM2-135M does not compare a question with a caption zero-shot
-    (47% on yes/no) and LoRA teaches it that on text within ~75 steps; the image questions then reuse the
-    comparison, fed by what the connector reads (measured in the README)."""
+    that yes and no come equally often. SmolLM2-135M does not compare a question with a caption zero-shot and
+    LoRA teaches it that quickly on text; the image questions then reuse the comparison, fed by what the
+    connector reads (docs/measurements.md, the README)."""
     seed: int = 0
 
     def __post_init__(self):

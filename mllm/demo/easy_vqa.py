@@ -79,7 +79,7 @@ def question_type(answer: str) -> str:
 
 def load_questions(split: str) -> list[Question]:
     """All questions of `split` (train | test) from the installed easy-vqa package."""
-    import easy_vqa
+    import easy_vqa  # optional dependency (the demo extra)
 
     getter = {"train": easy_vqa.get_train_questions, "test": easy_vqa.get_test_questions}.get(split)
     if getter is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from mllm.demo.data import build_demo_data
 from mllm.demo.easy_vqa import QUESTION_TYPES
 from mllm.demo.settings import DemoSettings
+from mllm.fetch import fetch
 
 LLM_NAME = "smollm2-135m-instruct"
 RECIPES = ("demo_stage1.yaml", "demo_stage2.yaml", "demo_test.yaml", "demo_test_captions.yaml")
@@ -97,8 +98,6 @@ class Demo:
         print(f"[demo] {name} done in {self.seconds[name]:.1f} s", flush=True)
 
     def fetch_llm(self) -> str:
-        from mllm.backbones.fetch import fetch
-
         return fetch(LLM_NAME, str(self.backbones / LLM_NAME))
 
     def build_data(self) -> dict:
@@ -234,6 +233,7 @@ def train_command(stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Pa
     st = s.stage1 if stage == 1 else s.stage2
     cmd = [sys.executable, "-m", "mllm", "train", "--stage", str(stage)]
     if stage == 1:
+        # imported here: it needs torch, which the demo's parent process (it only launches commands) never loads
         from mllm.vision.efficientnet import default_weights_path
 
         cmd += [

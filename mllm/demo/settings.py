@@ -25,8 +25,7 @@ class StageSettings:
     warmup_ratio: float = 0.03
     connector_lr: float = 0.0
     """Stage 2: the connector's own peak learning rate (0 = `lr`). The demo keeps it 10× below the LoRA's, so
-    that stage 2 refines what stage 1 taught the connector rather than overwriting it (measured: colour
-    questions 91.1% vs 87.9% at 1e-3, other things equal)."""
+    that stage 2 refines what stage 1 taught the connector rather than overwriting it (measured in the README)."""
 
     def __post_init__(self):
         if self.steps < 1 or self.micro_batch_size < 1 or self.grad_accum < 1 or not self.lr > 0:
@@ -58,9 +57,9 @@ class DemoSettings:
     lora_alpha: int = 64
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """The LLM modules stage 2 adapts (`mllm train --lora-target-modules`): attention only. On this CPU a rank-32
-    adapter doubles the cost of each bf16 linear it sits on; measured from the same stage 1, attention-only vs
-    all-linear: stage-2 step 1.57 vs 2.52 s, colour 100 vs 99.2%, shape 100 vs 100%, yes/no 85.3 vs 86.4%."""
+    """The LLM modules stage 2 adapts (`mllm train --lora-target-modules`): attention only. On a CPU a rank-32
+    adapter doubles the cost of each bf16 linear it sits on, and adapting every linear layer bought no accuracy
+    (measured in the README)."""
     eval_batch_size: int = 32
     seed: int = 0
 
@@ -77,9 +76,8 @@ class DemoSettings:
 
 
 QUERY_CONNECTOR_WIDTH = 256
-"""`qformer` / `resampler` width in the demo. At the tower's own width (1,280) the Q-Former had ~38M parameters,
-made each stage 1.5-1.8x as long and, after 120 stage-1 steps at the mlp's lr, still could not name colours
-(captions 41.6%, colour questions 43.5%)."""
+"""`qformer` / `resampler` width in the demo: at the tower's own width (1,280) the Q-Former was slower and still
+could not name colours after the mlp's stage 1 (docs/measurements.md)."""
 
 
 def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSettings:
@@ -94,8 +92,7 @@ def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSett
         settings.stage1.lr = min(settings.stage1.lr, 1e-3)
         settings.stage1.warmup_ratio = 0.1
     if connector == "resampler" and schedule == "default":
-        # slower to align than the Q-Former: after 120 steps its captions were 62.9% right, after 180 100%
-        # (colour questions 52.4% → 100%), in 18.5 min all told
+        # slower to align than the Q-Former: 120 stage-1 steps leave it short (README, docs/measurements.md)
         settings.stage1.steps = 180
     return settings
 

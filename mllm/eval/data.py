@@ -12,8 +12,10 @@ import random
 from dataclasses import dataclass, replace
 
 from mllm.config import IMAGE_PLACEHOLDER
+from mllm.data.dataset import select_indices
 from mllm.data.errors import BadSampleError
 from mllm.data.recipe import load_recipe
+from mllm.data.sources import open_source
 
 TYPE_FIELDS = ("question_type", "type")
 
@@ -44,14 +46,11 @@ def load_eval_items(
     `seed` drives `sample: random:N` selections in a recipe, as in training; `image_root` (relative: to the
     current directory) replaces the recipe's, as `--image-root` does in training.
     """
-    from mllm.data.dataset import select_indices
-    from mllm.data.sources import open_source
-
     recipe = load_recipe(path, image_root=image_root)
     items: list[EvalItem] = []
     for spec in recipe.sources:
         source = open_source(spec)
-        root = spec.image_root or recipe.image_root
+        root = recipe.image_root_of(spec)
         for index in select_indices(spec, len(source), seed):
             try:
                 items.append(_item(source, index, root, recipe.max_image_pixels))

@@ -60,6 +60,7 @@ def _caption_tokens(text: str) -> str:
 
 def caption_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
     """BLEU-4, ROUGE-L and CIDEr (pycocoevalcap; CIDEr's IDF comes from these references)."""
+    # optional dependency (the demo extra), needed by caption scores only
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

@@ -9,8 +9,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mllm.data.errors import BadSampleError
+from mllm.data.images import open_image
 from mllm.eval.data import EvalItem
 from mllm.eval.metrics import caption_scores, qa_scores
+from mllm.inference.generate import batched, generate_batch
+from mllm.inference.processor import Conversation
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +33,6 @@ def predict(
     model, processor, items: list[EvalItem], sampling, batch_size: int = 8, progress: bool = True
 ) -> list[str]:
     """Greedy (or sampled) answers for every item, batch by batch, with a progress bar."""
-    from mllm.data.errors import BadSampleError
-    from mllm.data.images import open_image
-    from mllm.inference.generate import batched, generate_batch
-    from mllm.inference.processor import Conversation
-
     answers: list[str] = []
     with tqdm(total=len(items), desc="evaluating", unit="sample", disable=not progress) as bar:
         for chunk in batched(items, batch_size):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from mllm.config import IMAGE_PLACEHOLDER
+from mllm.data.templates import BUILTIN_FORMATS
 
 
 def _lit(text: str) -> str:
@@ -63,8 +64,6 @@ def turn_format_jinja(fmt, tokenizer) -> str:
 
 def template_jinja(name: str, tokenizer) -> str | None:
     """Jinja for template `name` (`auto` or a built-in), or None when it has none."""
-    from mllm.data.templates import BUILTIN_FORMATS
-
     if name == "auto":
         return getattr(tokenizer, "chat_template", None) or None
     fmt = BUILTIN_FORMATS.get(name)

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from peft import PeftModel
+
 from mllm.checkpoint import mark_complete, trainable_state_dicts, write_model_files
 
 log = logging.getLogger(__name__)
@@ -16,8 +18,6 @@ _RUN_KEYS_DROPPED = ("format_version", "model", "_path")
 
 def merge_lora(model) -> None:
     """Fold the LoRA deltas into the base weights in place; `model.config.llm.mode` becomes `full`."""
-    from peft import PeftModel
-
     if model.config.llm.mode == "qlora":
         raise ValueError(
             "merging QLoRA adapters into a 4-bit base would round the merged weights to 4 bits; "

@@ -107,8 +107,8 @@ def _last_logits_only(llm, device: torch.device) -> dict:
     """Logits at the last position only, asked for so that the head reads a contiguous tensor.
 
     `generate` asks for `logits_to_keep=1`, which hands the vocabulary head a strided slice of the prompt's hidden
-    states; on a CPU, torch's matmul then copies the whole head weight once per sequence (measured: 4.8 of 6.6 s of
-    a 32-question batch on SmolLM2-135M). An index tensor makes the slice a small contiguous copy instead.
+    states; on a CPU, torch's matmul then copies the whole head weight once per sequence (most of a batch's
+    generation time: docs/measurements.md). An index tensor makes the slice a small contiguous copy instead.
     """
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:

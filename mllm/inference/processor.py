@@ -17,6 +17,7 @@ from mllm.config import IMAGE_PLACEHOLDER
 from mllm.data.encode import ConversationEncoder
 from mllm.data.instruction import encode_instructions, instruction_text
 from mllm.inference.images import as_image
+from mllm.model import load_tokenizer
 
 Message = dict[str, str]
 """`{"role": "system" | "user" | "assistant", "content": text with one "<image>" per image}`."""
@@ -71,8 +72,6 @@ class Processor:
     @classmethod
     def from_checkpoint(cls, model, config: dict[str, Any]) -> Processor:
         """The processor a checkpoint was trained with: its tokenizer, template, system prompt and image tokens."""
-        from mllm.model import load_tokenizer
-
         return cls(
             tokenizer=load_tokenizer(model.config),
             vision=model.vision,

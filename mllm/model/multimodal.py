@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
-from mllm.config import IMAGE_TOKEN_ID, ModelConfig
+from mllm.config import IGNORE_INDEX, IMAGE_TOKEN_ID, ModelConfig
+from mllm.connectors.base import Connector
 from mllm.vision.base import VisionTower
-
-IGNORE_INDEX = -100
 
 LOSS_CHUNK = 2048
 """Default supervised positions per head + loss chunk (`MultimodalLM.loss_chunk_size`): bounds the logits kept
@@ -31,7 +31,15 @@ class MultimodalOutput(ModelOutput):  # a ModelOutput so that DeepSpeed's ZeRO-3
 
 
 class MultimodalLM(nn.Module):
-    def __init__(self, config: ModelConfig, vision: VisionTower, connector: nn.Module, llm: nn.Module):
+    """A LLaVA / BLIP-2-style model: image → `vision` tower → `connector` → spliced into the `llm`'s embeddings.
+
+    Each image becomes K = `num_image_tokens` embeddings that take the places of the K IMAGE_TOKEN_ID positions
+    the data layer put in `input_ids` for its `<image>` placeholder; the LLM then runs on text and images alike.
+    What trains (connector only, LoRA, full LLM, tower) is set by `config` and `mllm.model.apply_trainability`;
+    the model knows nothing of distribution (DeepSpeed wraps it from outside).
+    """
+
+    def __init__(self, config: ModelConfig, vision: VisionTower, connector: Connector, llm: nn.Module):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -67,7 +75,7 @@ class MultimodalLM(nn.Module):
                 "precomputed vision features cannot train the vision tower (vision.trainable=full)"
             )
         cdtype = next(self.connector.parameters()).dtype
-        if getattr(self.connector, "instruction_aware", False):
+        if self.connector.instruction_aware:
             return self.connector(features.to(cdtype), qformer_input_ids, qformer_attention_mask)
         return self.connector(features.to(cdtype))  # [I, K, D_llm]
 
@@ -83,7 +91,7 @@ class MultimodalLM(nn.Module):
     ) -> torch.Tensor:
         """Token ids [B, T] (image positions = IMAGE_TOKEN_ID) → input embeddings [B, T, D].
 
-        `features` [I, N, Dv] (e.g. from `mllm.vision.cache`) replace `pixel_values` for a frozen tower.
+        `features` [I, N, Dv] (e.g. from `mllm.data.features`) replace `pixel_values` for a frozen tower.
         `qformer_input_ids` / `qformer_attention_mask` [I, L]: each image's instruction (see `encode_images`).
         """
         is_image = input_ids == IMAGE_TOKEN_ID  # [B, T]
@@ -133,6 +141,16 @@ class MultimodalLM(nn.Module):
         qformer_attention_mask: torch.Tensor | None = None,
         **llm_kwargs,
     ) -> MultimodalOutput:
+        """A batch of token rows with their images → the loss over supervised tokens (and logits on request).
+
+        In: `input_ids` [B, T] (K image-token ids per image), `attention_mask` [B, T] (1 = real token) for padded rows
+        or `position_ids` [B, T] (restarting at 0 per sample) for packed ones, `labels` [B, T] (IGNORE_INDEX where nothing is learnt),
+        `pixel_values` [I, 3, H, W] for the batch's I images in row order (or `features` [I, N, Dv], a frozen
+        tower's cached output), `image_counts` [B] images per row and `sample_ids` (to name a bad sample).
+        Out: `MultimodalOutput` with `loss` (mean), `loss_sum` and `num_tokens` (so that gradient accumulation
+        divides by all supervised tokens of a step, not by micro-batches), and `logits` [B, T, V] if
+        `return_logits` (kept off in training: the loss is chunked instead, `loss_chunk_size`).
+        """
         embeds = self.embed(
             input_ids,
             pixel_values,
@@ -149,7 +167,7 @@ class MultimodalLM(nn.Module):
             use_cache=False,
             **llm_kwargs,
         ).last_hidden_state  # [B, T, D]
-        logits = self.head(hidden) if return_logits else None
+        logits = self.head(hidden) if return_logits else None  # [B, T, V]
         if labels is None:
             return MultimodalOutput(logits=logits)
         chunk = loss_chunk_size if loss_chunk_size is not None else self.loss_chunk_size
@@ -178,7 +196,6 @@ class MultimodalLM(nn.Module):
         t = targets[keep]  # [M]
         if chunk_size is None or h.shape[0] <= chunk_size:
             return self._head_loss_sum(h, t), keep.sum()
-        from torch.utils.checkpoint import checkpoint
 
         parts = [
             checkpoint(self._head_loss_sum, hc, tc, use_reentrant=False)

@@ -63,17 +63,16 @@ EAGER_MAX_TOKENS = 256
 
 EAGER_MAX_TOKENS_COMPILED = 512
 """The same bound when the decoder layers are compiled (`--compile`): inductor fuses eager attention's
-matmul-softmax-matmul, forward and backward, ~1.8x faster than the CPU flash kernel (whose backward costs ~6x its
-forward); it keeps the [rows, heads, T, T] probabilities for backward, which stays small only for short rows."""
+matmul-softmax-matmul, forward and backward, beating the CPU flash kernel for longer rows; it keeps the
+[rows, heads, T, T] probabilities for backward, which stays small only for short rows (docs/measurements.md)."""
 
 
 def training_attention(requested: str, runtime: Runtime, longest_row: int, compiled: bool = False) -> str:
     """The attention kernel a training run uses, once its data (hence its longest row) is known: the one rule.
 
     `auto` on a CPU picks eager for short rows: PyTorch's CPU flash-attention backward is slow on small
-    blocks (bf16, 16 rows × 9 heads, forward + backward: 40 tokens 39.6 vs 10.6 ms, 128 tokens 102 vs 37 ms;
-    even at 256, 121 vs 123 ms; at 512 eager's quadratic scores lose, 309 vs 734 ms). Compiled layers keep eager
-    up to `EAGER_MAX_TOKENS_COMPILED`. Anything else is kept (auto on CUDA: flash-attn if installed, else SDPA).
+    blocks, while eager's quadratic scores lose on long rows (the README's performance section has the
+    timings). Compiled layers keep eager up to `EAGER_MAX_TOKENS_COMPILED`. Anything else is kept (auto on CUDA: flash-attn if installed, else SDPA).
     """
     bound = EAGER_MAX_TOKENS_COMPILED if compiled else EAGER_MAX_TOKENS
     if requested == "auto" and runtime.device.type == "cpu" and longest_row <= bound:

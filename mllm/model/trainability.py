@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
 from mllm.config import LLMConfig
@@ -21,8 +22,6 @@ def apply_trainability(model: nn.Module) -> nn.Module:
 
 
 def _wrap_lora(llm: nn.Module, cfg: LLMConfig) -> nn.Module:
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-
     if isinstance(llm, PeftModel):
         return llm
     if cfg.mode == "qlora":

@@ -43,7 +43,7 @@ def run_load(
     api_key: str = "none",
 ) -> tuple[list[Outcome], float]:
     """Send `requests` chat requests at once (image i % len(images) each); returns the outcomes and wall seconds."""
-    import openai
+    import openai  # optional dependency (the serve extra)
 
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=600)
     model = client.models.list().data[0].id

@@ -26,9 +26,11 @@ from mllm.data import (
     causal_block_mask,
     load_recipe,
 )
+from mllm.data.features import CachedFeatureDataset
+from mllm.train import distributed as dist
 from mllm.train.config import TrainConfig
 from mllm.train.stop import defer_stop_signals
-from mllm.vision.cache import CachedFeatureDataset, FeatureCache, fill_in_subprocess
+from mllm.vision.cache import FeatureCache, fill_in_subprocess
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +228,6 @@ def fill_feature_cache(items: CachedFeatureDataset, model, rank: int, world_size
     when it exits) with its own copy of the tower, then every rank waits for all; entries are written atomically,
     so ranks and workers filling the same folder at once never see half an entry.
     """
-    from mllm.train import distributed as dist
-
     started = time.perf_counter()
     images = items.images()
     tower_dtype = next(model.vision.parameters()).dtype
@@ -325,4 +325,4 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def supervised_tokens(batch: dict[str, Any]) -> int:
     """Positions the loss is computed at (the label of the next token is supervised)."""
     labels = batch["labels"]
-    return int((labels[:, 1:] != -100).sum()) if labels.numel() else 0
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels.numel() else 0

@@ -8,7 +8,9 @@ and the command line wins over the file, which wins over the stage preset.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,13 +107,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     grad_checkpointing: bool = False
-    """Recompute LLM activations in the backward pass (less memory, ~30% slower)."""
+    """Recompute LLM activations in the backward pass (less memory, slower steps)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute dtype: bf16 where the hardware runs it fast, else fp32."""
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     """The LLM's attention kernel while training. auto: flash_attention_2 on CUDA when flash-attn is installed;
-    on a CPU, eager when no training row exceeds 256 tokens (there its backward is 2.5-4x faster than SDPA's
-    flash kernel, measured in bf16), else sdpa."""
+    on a CPU, eager when no training row exceeds 256 tokens (there its backward beats SDPA's flash kernel),
+    else sdpa."""
     seed: int = 0
     """Seeds the connector initialisation, data order and dropout."""
     save_every: int = 500
@@ -145,7 +147,7 @@ class TrainConfig:
     identity and weights, feature layer, preprocessing and the image's bytes. Empty = off. Not with --train-vision."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each LLM decoder layer (dynamic shapes) with an explicit attention mask on every batch.
-    auto = off (measured on this 2-core CPU it did not pay within a run; see the README's performance section)."""
+    auto = off (compiling did not pay within a run where it was measured: docs/measurements.md)."""
     loss_chunk_size: int = 2048
     """The loss's vocabulary head runs over at most this many supervised positions at a time, each chunk's logits
     recomputed in backward instead of kept (peak memory chunk × vocabulary); 0 = all at once. The logits are only
@@ -344,9 +346,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, include_stage: bool = 
 
 def field_docs() -> dict[str, str]:
     """Field name → its docstring, read from this module's source (the single place they are written)."""
-    import ast
-    import inspect
-
     tree = ast.parse(inspect.getsource(TrainConfig))
     body = tree.body[0].body
     docs = {}

@@ -7,8 +7,12 @@ it becomes a one-process group on a free local port.
 
 from __future__ import annotations
 
+# `deepspeed` is imported inside the functions that use it: its import costs seconds (and prints), and the
+# modules that import this one for its plain helpers never need it.
+import argparse
 import contextlib
 import copy
+import fcntl
 import json
 import os
 import socket
@@ -107,8 +111,6 @@ def load_deepspeed_op(builder_name: str) -> None:
     going away) leaves the file behind, and every later run waits on it forever, silently. mllm loads under
     an OS lock that dies with its holder instead: holding it, a leftover lock file can only be stale.
     """
-    import fcntl
-
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from torch.utils import cpp_extension
@@ -337,8 +339,6 @@ def make_universal(checkpoint_dir: Path, into: Path) -> None:
     """Convert `checkpoint_dir/engine`, partitioned for the world size that wrote it, into DeepSpeed's universal
     checkpoint `into/engine`: per parameter its fp32 value and Adam moments, whole, loadable by any number of
     processes (an engine made with `expect_universal_checkpoint`). One process runs it, the others wait."""
-    import argparse
-
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(

@@ -179,7 +179,7 @@ def use_training_attention(model, cfg: TrainConfig, runtime, data: TrainData, co
 
 def use_compile(cfg: TrainConfig, runtime, ds: dict[str, Any]) -> bool:
     """Whether this run compiles its decoder layers: --compile on, or auto where it was measured to pay (nowhere
-    yet: on this CPU a run's compile time outweighed its faster steps; see the README's performance section)."""
+    yet: docs/measurements.md)."""
     if cfg.compile != "on":
         return False
     if dist.zero_stage(ds) == 3:
@@ -286,7 +286,13 @@ def train_step(
     step: int,
     fault: nonfinite.Fault | None = None,
 ) -> dict[str, Any]:
-    """Optimizer step `step` over `grad_accum` micro-batches; returns the step's loss, samples and tokens (all
+    """Optimizer step `step` over `grad_accum` micro-batches drawn from `stream` (each a collated batch:
+    `input_ids` / `labels` [B, T], pixel values or features of its images, `sample_ids`).
+
+    Every micro-batch's summed loss is scaled by world size / the step's supervised tokens on all ranks, so the
+    gradient is the mean over every supervised token of the step, however the tokens fall into micro-batches
+    (averaging per-batch means would weigh a short sample's tokens more). A non-finite loss on any rank
+    discards the step on every rank. Returns the step's loss (per supervised token), samples and tokens (all
     ranks), the sample ids of this rank's micro-batches, and what made the step skip (None: it was applied).
     `fault` is the test hook of `nonfinite.FAULT_ENV`."""
     batches = [stream.next() for _ in range(grad_accum)]

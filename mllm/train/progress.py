@@ -38,7 +38,7 @@ class Progress:
         if not enabled:
             return
         _truncate_metrics(output / METRICS_FILE, start_step)
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # only when logging: its import costs seconds
 
         self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -141,6 +141,7 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    # imported at the end of a run only (seconds of import), with the file-only backend chosen before pyplot
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a display

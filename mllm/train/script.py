@@ -25,6 +25,7 @@ def main(stage: int, description: str | None = None, argv: list[str] | None = No
     del args.local_rank, args.debug
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_library_deprecations()
+    # imported once the filters are set: the training stack warns at import time
     from mllm.train.loop import train
     from mllm.train.nonfinite import NonFiniteTraining
 

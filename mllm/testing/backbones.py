@@ -20,7 +20,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from mllm.backbones.tokenizers import make_tokenizer
+from mllm.testing.tokenizers import make_tokenizer
 
 LLM_FAMILIES = ("llama", "qwen2", "gpt2", "phi3")
 VISION_FAMILIES = ("clip", "siglip")

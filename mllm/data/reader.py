@@ -1,0 +1,65 @@
+"""`SampleReader`: (source, record index) → a validated sample, its token ids and loss mask, and its images.
+
+Every path from a recipe to a sample goes through here (the length scan, the dataset, `mllm data check`,
+`mllm data show`, the feature cache): the system prompt, validation and where image paths start are decided once.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from mllm.data.encode import ConversationEncoder, Encoded
+from mllm.data.errors import BadSampleError
+from mllm.data.images import open_image, resolve_image_path
+from mllm.data.recipe import Recipe
+from mllm.data.sample import ImageRef, Sample, validate
+from mllm.data.sources import Source, open_source
+
+
+class SampleReader:
+    """Everything needed to turn (source, record index) into a validated, encoded sample and its images."""
+
+    def __init__(self, recipe: Recipe, sources: list[Source], encoder: ConversationEncoder):
+        self.recipe = recipe
+        self.sources = sources
+        self.encoder = encoder
+
+    def sample(self, si: int, idx: int) -> Sample:
+        """The validated, normalised sample (system prompt applied) at record `idx` of source `si`."""
+        sample = self.sources[si].sample(idx)
+        if self.recipe.system_prompt and not any(m["role"] == "system" for m in sample.messages):
+            sample.messages.insert(0, {"role": "system", "content": self.recipe.system_prompt})
+        validate(sample)
+        return sample
+
+    def encode(self, si: int, idx: int) -> tuple[Sample, Encoded]:
+        sample = self.sample(si, idx)
+        return sample, self.encoder.encode_full(sample.messages)
+
+    def image_root(self, si: int) -> str:
+        """Where source `si`'s relative image paths start (`Recipe.image_root_of`)."""
+        return self.recipe.image_root_of(self.sources[si].spec)
+
+    def image_paths(self, sample: Sample, si: int, n: int | None = None) -> list[ImageRef]:
+        """The first `n` (None: all) images of `sample` from source `si`, without decoding them: a path becomes
+        absolute (checked to stay inside the image root, else BadSampleError), bytes pass through unchanged."""
+        root = self.image_root(si)
+        refs = sample.images if n is None else sample.images[:n]
+        return [resolve_image_path(root, r) if isinstance(r, str) else r for r in refs]
+
+    def load_images(self, sample: Sample, n: int, si: int) -> list[Image.Image]:
+        """The first `n` images of `sample`, decoded as training sees them (missing/oversized → BadSampleError)."""
+        root = self.image_root(si)
+        return [open_image(ref, root, self.recipe.max_image_pixels) for ref in sample.images[:n]]
+
+    def locate(self, e: BadSampleError, si: int, idx: int) -> BadSampleError:
+        src = self.sources[si]
+        return e.located(source=src.name, index=idx, line=src.line(idx), sample_id=src.raw_id(idx))
+
+
+def open_reader(recipe: Recipe, tokenizer, image_tokens: int) -> SampleReader:
+    """Open every source of `recipe` and the encoder for `tokenizer` (`image_tokens` per image placeholder)."""
+    sources = [open_source(spec) for spec in recipe.sources]
+    return SampleReader(
+        recipe, sources, ConversationEncoder(tokenizer, recipe.template, image_tokens, recipe.max_length)
+    )
