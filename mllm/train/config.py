@@ -12,9 +12,10 @@ import ast
 import dataclasses
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -169,75 +170,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.split(",") if m]
-        checks = [
-            (self.stage in (1, 2), f"stage must be 1 or 2, got {self.stage}"),
-            (
-                self.llm_mode in ("frozen", "full", "lora", "qlora"),
-                f"llm_mode must be frozen|full|lora|qlora, got {self.llm_mode!r}",
-            ),
-            (
-                self.schedule in ("cosine", "linear", "constant"),
-                f"schedule must be cosine|linear|constant, got {self.schedule!r}",
-            ),
-            (
-                self.dtype in ("auto", "bf16", "fp32"),
-                f"dtype must be auto|bf16|fp32 (fp16 needs loss scaling), got {self.dtype!r}",
-            ),
-            (
-                self.attention in ("auto", "eager", "sdpa", "flash_attention_2"),
-                f"attention must be auto|eager|sdpa|flash_attention_2, got {self.attention!r}",
-            ),
-            (
-                self.connector_width >= 0
-                and self.connector_layers >= 1
-                and self.connector_heads >= 1
-                and (self.connector_width or self.connector_heads) % self.connector_heads == 0,
-                f"connector_width ({self.connector_width}, 0 = the vision width) must be >= 0 and divisible by "
-                f"connector_heads ({self.connector_heads}); connector_layers must be >= 1",
-            ),
-            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
-            (self.pad_to_multiple_of >= 1, "pad_to_multiple_of must be >= 1 (1 = no rounding)"),
-            (
-                self.packing in ("auto", "on", "off") and self.compile in ("auto", "on", "off"),
-                f"packing and compile must be auto|on|off, got {self.packing!r} and {self.compile!r}",
-            ),
-            (
-                self.pack_row_tokens >= 0 and self.loss_chunk_size >= 0 and self.prefetch_factor >= 1,
-                "pack_row_tokens and loss_chunk_size must be >= 0 (0 = automatic / off), prefetch_factor >= 1",
-            ),
-            (
-                not (self.feature_cache and self.train_vision),
-                "--feature-cache serves a frozen tower's features; with --train-vision the tower changes every "
-                "step, so its features cannot be cached: drop one of the two",
-            ),
-            (self.max_tokens >= 0, "max_tokens must be >= 0 (0 = no token budget)"),
-            (
-                self.grad_accum >= 0 and self.global_batch_size >= 1,
-                "grad_accum must be >= 0 and global_batch_size >= 1",
-            ),
-            (self.max_steps >= 0 and self.epochs > 0, "max_steps must be >= 0 and epochs > 0"),
-            (self.lr > 0 and self.connector_lr >= 0, "lr must be > 0 and connector_lr >= 0"),
-            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
-            (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
-            (self.save_every >= 0 and self.keep_last >= 0, "save_every and keep_last must be >= 0"),
-            (self.log_every >= 1 and self.num_workers >= 0, "log_every must be >= 1 and num_workers >= 0"),
-            (self.max_skipped_steps >= 1, "max_skipped_steps must be >= 1"),
-            (
-                self.lora_r >= 1 and 0 <= self.lora_dropout < 1,
-                "lora_r must be >= 1 and lora_dropout in [0, 1)",
-            ),
-            (
-                self.stage == 2 or self.llm_mode == "frozen",
-                "stage 1 trains only the connector: llm_mode must be frozen",
-            ),
-            (
-                self.stage == 2 or not self.init_from,
-                "init_from is for stage 2 (it loads a stage-1 connector)",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check(self)
 
     def check_complete(self) -> None:
         """The fields a run cannot start without (checked after --init-from filled what it could)."""
@@ -289,6 +222,91 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class Rule(NamedTuple):
+    """One check of a `TrainConfig`: `holds(cfg)` must be true, else the run is refused with `message`, a
+    `str.format` template over the config's fields (`{lr}`, `{schedule!r}`)."""
+
+    holds: Callable[[TrainConfig], bool]
+    message: str
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(lambda c: c.stage in (1, 2), "stage must be 1 or 2, got {stage}"),
+    Rule(
+        lambda c: c.llm_mode in ("frozen", "full", "lora", "qlora"),
+        "llm_mode must be frozen|full|lora|qlora, got {llm_mode!r}",
+    ),
+    Rule(
+        lambda c: c.schedule in ("cosine", "linear", "constant"),
+        "schedule must be cosine|linear|constant, got {schedule!r}",
+    ),
+    Rule(
+        lambda c: c.dtype in ("auto", "bf16", "fp32"),
+        "dtype must be auto|bf16|fp32 (fp16 needs loss scaling), got {dtype!r}",
+    ),
+    Rule(
+        lambda c: c.attention in ("auto", "eager", "sdpa", "flash_attention_2"),
+        "attention must be auto|eager|sdpa|flash_attention_2, got {attention!r}",
+    ),
+    Rule(
+        lambda c: (
+            c.connector_width >= 0
+            and c.connector_layers >= 1
+            and c.connector_heads >= 1
+            and (c.connector_width or c.connector_heads) % c.connector_heads == 0
+        ),
+        "connector_width ({connector_width}, 0 = the vision width) must be >= 0 and divisible by connector_heads "
+        "({connector_heads}); connector_layers must be >= 1",
+    ),
+    Rule(lambda c: c.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+    Rule(lambda c: c.pad_to_multiple_of >= 1, "pad_to_multiple_of must be >= 1 (1 = no rounding)"),
+    Rule(
+        lambda c: c.packing in ("auto", "on", "off") and c.compile in ("auto", "on", "off"),
+        "packing and compile must be auto|on|off, got {packing!r} and {compile!r}",
+    ),
+    Rule(
+        lambda c: c.pack_row_tokens >= 0 and c.loss_chunk_size >= 0 and c.prefetch_factor >= 1,
+        "pack_row_tokens and loss_chunk_size must be >= 0 (0 = automatic / off), prefetch_factor >= 1",
+    ),
+    Rule(
+        lambda c: not (c.feature_cache and c.train_vision),
+        "--feature-cache serves a frozen tower's features; with --train-vision the tower changes every step, so "
+        "its features cannot be cached: drop one of the two",
+    ),
+    Rule(lambda c: c.max_tokens >= 0, "max_tokens must be >= 0 (0 = no token budget)"),
+    Rule(
+        lambda c: c.grad_accum >= 0 and c.global_batch_size >= 1,
+        "grad_accum must be >= 0 and global_batch_size >= 1",
+    ),
+    Rule(lambda c: c.max_steps >= 0 and c.epochs > 0, "max_steps must be >= 0 and epochs > 0"),
+    Rule(lambda c: c.lr > 0 and c.connector_lr >= 0, "lr must be > 0 and connector_lr >= 0"),
+    Rule(lambda c: 0 <= c.warmup_ratio < 1, "warmup_ratio must be in [0, 1), got {warmup_ratio}"),
+    Rule(lambda c: c.grad_clip >= 0 and c.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
+    Rule(lambda c: c.save_every >= 0 and c.keep_last >= 0, "save_every and keep_last must be >= 0"),
+    Rule(lambda c: c.log_every >= 1 and c.num_workers >= 0, "log_every must be >= 1 and num_workers >= 0"),
+    Rule(lambda c: c.max_skipped_steps >= 1, "max_skipped_steps must be >= 1"),
+    Rule(
+        lambda c: c.lora_r >= 1 and 0 <= c.lora_dropout < 1, "lora_r must be >= 1 and lora_dropout in [0, 1)"
+    ),
+    Rule(
+        lambda c: c.stage == 2 or c.llm_mode == "frozen",
+        "stage 1 trains only the connector: llm_mode must be frozen",
+    ),
+    Rule(
+        lambda c: c.stage == 2 or not c.init_from, "init_from is for stage 2 (it loads a stage-1 connector)"
+    ),
+)
+"""What every `TrainConfig` must satisfy, checked in this order on construction (the first broken rule is the
+error). A new option's check is one line here; tests/test_train_config_rules.py wants a violating example of it."""
+
+
+def check(cfg: TrainConfig) -> None:
+    """Raise ValueError with the message of the first rule in `RULES` that `cfg` breaks; return if none."""
+    for rule in RULES:
+        if not rule.holds(cfg):
+            raise ValueError(rule.message.format_map(vars(cfg)))
 
 
 STAGE_PRESETS: dict[int, dict[str, Any]] = {

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 import transformers
 
-from mllm.checkpoint import QFORMER_TOKENIZER_DIR, latest_checkpoint, read_config, read_weights, verify
-from mllm.config import ConnectorConfig, ModelConfig
+from mllm.checkpoint import latest_checkpoint, read_config, read_weights, verify
 from mllm.data.collate import round_up
 from mllm.data.recipe import data_fingerprint
 from mllm.model import build_model, load_tokenizer, resolve_runtime
@@ -39,6 +38,7 @@ from mllm.train.batches import (
 )  # fmt: skip
 from mllm.train.config import TrainConfig, save_yaml
 from mllm.train.optim import make_scheduler, param_groups, schedule_from
+from mllm.train.policy import check_not_past_end, check_resumable, effective_config, run_model_config
 from mllm.train.progress import Progress, format_summary
 from mllm.train.stop import StopRequest
 
@@ -72,9 +72,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def setup(cfg: TrainConfig) -> Session:
-    """Process group, model, data, DeepSpeed engine; restored from a checkpoint when resuming."""
-    cfg = absolute_paths(fill_from_init(cfg))
-    cfg.check_complete()
+    """Process group, model, data, DeepSpeed engine; restored from a checkpoint when resuming.
+
+    Each step below takes what the ones before it made; the order matters where a step's docstring says so.
+    """
+    cfg = effective_config(cfg)  # stage-1 settings inherited, paths absolute, nothing missing
+    world, ds_raw = start_processes(cfg)
+    resume_from, fingerprint = choose_resume_point(cfg)
+    grad_accum = cfg.grad_accum or max(1, cfg.global_batch_size // (cfg.micro_batch_size * world.size))
+    model, runtime, tokenizer = setup_model(cfg, world)
+    data = build_train_data(cfg, tokenizer, model, world.rank, world.size, progress=world.is_main)
+    runtime = setup_kernels(cfg, model, runtime, data, ds_raw)
+    total_steps = plan_steps(cfg, model, data, grad_accum, resume_from)
+    engine, ds = setup_engine(cfg, model, world, runtime, ds_raw, grad_accum, total_steps, resume_from)
+    stream, state = setup_state(cfg, model, engine, world, data, resume_from)
+    if world.is_main:
+        record_run(cfg, world, runtime, ds, grad_accum, total_steps)
+    skips = nonfinite.Skips(cfg.max_skipped_steps)
+    fault = nonfinite.Fault.from_env()
+    return Session(
+        cfg, world, model, engine, data, stream, state, total_steps, grad_accum, fingerprint, skips, fault
+    )
+
+
+def start_processes(cfg: TrainConfig) -> tuple[dist.World, dict[str, Any]]:
+    """Check what can fail early (output writable, DeepSpeed config readable and supported), join the process
+    group, quiet every rank but the main one, and prepare the output directory (interrupted saves cleared) before
+    any rank looks into it. Returns the world and the DeepSpeed config as read (its "auto" values not filled)."""
     preflight.check_output_writable(Path(cfg.output))  # every rank, before any of them waits for another
     ds_raw = dist.read_ds_config(cfg)
     dist.check_supported(cfg.llm_mode, ds_raw)
@@ -82,21 +106,28 @@ def setup(cfg: TrainConfig) -> Session:
     if not world.is_main:
         logging.getLogger("mllm").setLevel(logging.WARNING)
         transformers.logging.set_verbosity_error()
-    out = Path(cfg.output)
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpointing.clear_interrupted(out)
+        Path(cfg.output).mkdir(parents=True, exist_ok=True)
+        checkpointing.clear_interrupted(Path(cfg.output))
     dist.barrier()
+    return world, ds_raw
+
+
+def choose_resume_point(cfg: TrainConfig) -> tuple[Path | None, str]:
+    """The checkpoint this run continues (None: it starts afresh), refused if it was trained under other settings
+    or data (`check_resumable`); and the run's data fingerprint, saved in each of its checkpoints."""
     resume_from = checkpointing.find_resume_point(cfg)
     fingerprint = data_fingerprint(train_recipe(cfg))
     if resume_from is not None:
         check_resumable(cfg, resume_from, fingerprint)
-    grad_accum = cfg.grad_accum or max(1, cfg.global_batch_size // (cfg.micro_batch_size * world.size))
+    return resume_from, fingerprint
 
-    transformers.set_seed(cfg.seed)  # same connector initialisation on every rank
-    mcfg = cfg.model_config()
-    if cfg.init_from:
-        mcfg.connector = stage1_connector_config(cfg)
+
+def setup_model(cfg: TrainConfig, world: dist.World):
+    """The model on this rank's device, seeded alike on every rank (the same connector initialisation), its
+    connector loaded from `--init-from` when given; returns (model, runtime, tokenizer)."""
+    transformers.set_seed(cfg.seed)
+    mcfg = run_model_config(cfg)
     runtime = resolve_runtime(mcfg.dtype, mcfg.attn_implementation, str(world.device))
     model = build_model(mcfg, runtime)
     log.info("parameters:\n%s", format_parameter_table(parameter_table(model)))
@@ -104,20 +135,27 @@ def setup(cfg: TrainConfig) -> Session:
         load_stage1_connector(model, cfg.init_from, verify_hashes=not cfg.no_verify)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tokenizer = load_tokenizer(mcfg)
-    data = build_train_data(cfg, tokenizer, model, world.rank, world.size, progress=world.is_main)
+    return model, runtime, load_tokenizer(mcfg)
+
+
+def setup_kernels(cfg: TrainConfig, model, runtime, data: TrainData, ds_raw: dict[str, Any]):
+    """How the model computes (not what): the loss's chunking, the attention kernel for this data's lengths, and
+    compiled decoder layers when asked. Needs the data (its lengths); returns the runtime as changed."""
     model.loss_chunk_size = cfg.loss_chunk_size or None
     compiled = use_compile(cfg, runtime, ds_raw)
     runtime = use_training_attention(model, cfg, runtime, data, compiled)
     if compiled:
         compile_decoder_layers(model, data, runtime)
+    return runtime
+
+
+def plan_steps(cfg: TrainConfig, model, data: TrainData, grad_accum: int, resume_from: Path | None) -> int:
+    """The run's length in optimizer steps (--max-steps, or --epochs over the data), refused when the checkpoint
+    it continues is already past it or when the disk cannot hold the checkpoints it will write."""
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.sampler) / grad_accum))
     start_step = checkpointing.saved_step(resume_from) if resume_from is not None else 0
-    if start_step > total_steps:
-        raise ValueError(
-            f"{resume_from} is at step {start_step}, past this run's {total_steps} steps: raise --max-steps or "
-            "--epochs to continue it"
-        )
+    check_not_past_end(resume_from, start_step, total_steps)
+    out = Path(cfg.output)
     preflight.check_disk_space(
         out,
         preflight.checkpoint_bytes(model),
@@ -129,7 +167,21 @@ def setup(cfg: TrainConfig) -> Session:
             len(checkpointing.complete_checkpoints(out)),
         ),
     )
+    return total_steps
 
+
+def setup_engine(
+    cfg: TrainConfig,
+    model,
+    world: dist.World,
+    runtime,
+    ds_raw: dict[str, Any],
+    grad_accum: int,
+    total_steps: int,
+    resume_from: Path | None,
+):
+    """The DeepSpeed engine around model, optimizer and schedule; its config's "auto" values filled for this run
+    (expecting a universal checkpoint when resuming on another number of processes). Returns (engine, config)."""
     ds = dist.fill_ds_config(
         ds_raw,
         cfg,
@@ -142,26 +194,36 @@ def setup(cfg: TrainConfig) -> Session:
         ds = dist.expect_universal_checkpoint(ds)  # elastic resume: see checkpointing.restore_resharded
     optimizer = dist.make_optimizer(param_groups(model, cfg), ds, cfg.weight_decay)
     engine = dist.initialize(model, optimizer, make_scheduler(optimizer, cfg, total_steps), ds)
+    return engine, ds
+
+
+def setup_state(
+    cfg: TrainConfig, model, engine, world: dist.World, data: TrainData, resume_from: Path | None
+) -> tuple[BatchStream, dict[str, int]]:
+    """The batch stream and the counters (step, samples, tokens, skipped steps): fresh, or restored with engine,
+    RNGs and data position from `resume_from`. Seeds each rank apart first (dropout differs per rank, repeats per
+    seed), so it comes after every step that must draw alike on all ranks."""
     stream = BatchStream(data)
     state = {"step": 0, "samples": 0, "tokens": 0, "skipped_steps": 0}
-    transformers.set_seed(cfg.seed + world.rank)  # dropout differs per rank, repeats per seed
+    transformers.set_seed(cfg.seed + world.rank)
     if resume_from is not None:
         state.update(checkpointing.restore(engine, world, resume_from, stream))
         # on this run's schedule: --max-steps / --epochs (the run's length) may have changed
         schedule_from(engine.lr_scheduler, state["step"])
         checkpointing.check_finite_weights(model, resume_from)
         log.info("resumed from %s at step %d (epoch %.3f)", resume_from, state["step"], stream.epoch_progress)
-    if world.is_main:
-        save_yaml(cfg, out / RUN_CONFIG_FILE)
-        log.info(
-            "stage %d: %d steps × %d micro-batches of %d × %d process(es); ZeRO-%d; %s",
-            cfg.stage, total_steps, grad_accum, cfg.micro_batch_size, world.size, dist.zero_stage(ds), runtime.describe(),
-        )  # fmt: skip
-    skips = nonfinite.Skips(cfg.max_skipped_steps)
-    fault = nonfinite.Fault.from_env()
-    return Session(
-        cfg, world, model, engine, data, stream, state, total_steps, grad_accum, fingerprint, skips, fault
-    )
+    return stream, state
+
+
+def record_run(
+    cfg: TrainConfig, world: dist.World, runtime, ds: dict[str, Any], grad_accum: int, total_steps: int
+) -> None:
+    """Main rank: write the resolved config beside the checkpoints (run_config.yaml) and log the run's shape."""
+    save_yaml(cfg, Path(cfg.output) / RUN_CONFIG_FILE)
+    log.info(
+        "stage %d: %d steps × %d micro-batches of %d × %d process(es); ZeRO-%d; %s",
+        cfg.stage, total_steps, grad_accum, cfg.micro_batch_size, world.size, dist.zero_stage(ds), runtime.describe(),
+    )  # fmt: skip
 
 
 def use_training_attention(model, cfg: TrainConfig, runtime, data: TrainData, compiled: bool = False):
@@ -329,61 +391,7 @@ def signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "SIGTERM"
 
 
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local paths made absolute, so that checkpoints and run_config.yaml work from any directory (hub ids stay)."""
-    values = cfg.to_dict()
-    for key in ("vision", "llm", "data", "image_root", "output", "zero", "init_from", "feature_cache"):
-        if values[key] and (key in ("output", "feature_cache") or Path(values[key]).exists()):
-            values[key] = str(Path(values[key]).expanduser().resolve())
-    if values["resume"] not in ("auto", "latest", "no"):
-        values["resume"] = str(Path(values["resume"]).expanduser().resolve())
-    return TrainConfig(**values)
-
-
 # ---- stage 2 from stage 1 ---------------------------------------------------------------------------
-def fill_from_init(cfg: TrainConfig) -> TrainConfig:
-    """Stage 2: take vision tower and connector settings (and the LLM, if not given) from the stage-1 checkpoint."""
-    if not cfg.init_from:
-        return cfg
-    saved = ModelConfig.from_dict(read_config(cfg.init_from)["model"])
-    if cfg.vision and Path(cfg.vision).resolve() != Path(saved.vision.path).resolve():
-        raise ValueError(
-            f"--vision {cfg.vision} differs from the stage-1 tower {saved.vision.path} of --init-from {cfg.init_from}"
-        )
-    values = cfg.to_dict()
-    values.update(
-        vision=saved.vision.path,
-        vision_kind=saved.vision.kind,
-        vision_feature_layer=saved.vision.feature_layer,
-        vision_pool=saved.vision.pool,
-        connector=saved.connector.kind,
-        projector=saved.connector.projector,
-        num_queries=saved.connector.num_queries,
-        connector_layers=saved.connector.num_layers,
-        connector_width=saved.connector.hidden_size,
-        connector_heads=saved.connector.num_heads,
-        qformer_text=saved.connector.qformer_text,
-        llm=cfg.llm or saved.llm.path,
-    )
-    return TrainConfig(**values)
-
-
-def stage1_connector_config(cfg: TrainConfig) -> ConnectorConfig:
-    """The connector exactly as `--init-from` saved it (every size; its Q-Former tokenizer from that checkpoint).
-
-    Only whether the Q-Former reads the instruction is this run's choice: stage 1 captions have none to read.
-    """
-    saved = read_config(cfg.init_from)
-    connector = ModelConfig.from_dict(saved["model"]).connector
-    tokenizer_dir = Path(saved["_path"]) / QFORMER_TOKENIZER_DIR
-    return dataclasses.replace(
-        connector,
-        qformer_init="",  # its weights come from the checkpoint
-        qformer_tokenizer=str(tokenizer_dir) if tokenizer_dir.is_dir() else connector.qformer_tokenizer,
-        instruction_aware=cfg.instruction_aware,
-    )
-
-
 def load_stage1_connector(model, init_from: str, verify_hashes: bool = True) -> None:
     """Load the connector of the stage-1 checkpoint `init_from` into `model` (hash-checked unless told not to,
     every tensor finite)."""
@@ -398,45 +406,3 @@ def load_stage1_connector(model, init_from: str, verify_hashes: bool = True) -> 
             f"--init-from {path}: its connector does not fit this model ({str(e).splitlines()[1:2]})"
         ) from e
     log.info("connector initialised from %s", path)
-
-
-CHANGEABLE_ON_RESUME = frozenset({
-    "max_steps", "epochs",  # the run's length: the schedule is rebuilt for it from the restored step
-    "data",  # the path: what counts is the data's content, compared by its fingerprint
-    "image_root", "init_from", "output", "resume", "save_every", "keep_last", "log_every", "num_workers",
-    "trust_remote_code", "grad_checkpointing", "attention", "pad_to_multiple_of", "causal_kernel",
-    "no_verify", "max_skipped_steps",  # how a checkpoint is checked on load; when a run of bad steps stops it
-    # speed levers: the same micro-batches and losses (each tested equal with the lever on and off)
-    "packing", "pack_row_tokens", "feature_cache", "compile", "loss_chunk_size", "prefetch_factor",
-})  # fmt: skip
-"""Run settings a resumed run may change: its length, where things are, and how (not what) it computes. Every other
-setting (learning rates, schedule, accumulation, batch, model, data selection, seed …) is refused by name."""
-
-
-def check_resumable(cfg: TrainConfig, checkpoint: Path, fingerprint: str) -> None:
-    """Refuse to continue a checkpoint under settings that would change the maths, the data or the model.
-
-    `fingerprint` is the current data's `data_fingerprint`; a checkpoint saved with another one was trained on
-    other data (another file, or the same file edited).
-    """
-    config = read_config(checkpoint)
-    saved = config.get("run", {})
-    current = cfg.to_dict()
-    fixed = {k for k in current if k not in CHANGEABLE_ON_RESUME}
-    if "data_fingerprint" not in config:  # saved before fingerprints: the path is all there is to compare
-        fixed.add("data")
-    changed = [
-        f"{k}: {saved[k]!r} → {current[k]!r}"
-        for k in current
-        if k in fixed & set(saved) and saved[k] != current[k]
-    ]
-    if config.get("data_fingerprint", fingerprint) != fingerprint:
-        changed.append(
-            f"data contents of {cfg.data} (fingerprint {config['data_fingerprint']} → {fingerprint})"
-        )
-    if changed:
-        raise ValueError(
-            f"{checkpoint} was trained with other settings ({'; '.join(changed)}); only --max-steps / --epochs "
-            "(and paths, logging, workers, kernels) may change on resume: use another --output, or --resume no to "
-            "start over there"
-        )
