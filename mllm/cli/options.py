@@ -35,6 +35,6 @@ def add_no_verify(p: argparse.ArgumentParser) -> None:
         "--no-verify",
         action="store_true",
         help="do not check the checkpoint's weight files against the hashes recorded when they were saved "
-        "(hashing adds ~10%% to reading them; see README, Reliability). Sizes are still checked, and "
+        "(hashing adds ~10%% to reading them; see docs/reliability.md). Sizes are still checked, and "
         "every weight must still be finite",
     )

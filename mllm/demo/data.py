@@ -54,7 +54,7 @@ class DemoData:
     sample ("A red circle.\nis there a blue shape?" → "no"), its caption drawn from the training images so
     that yes and no come equally often. SmolLM2-135M does not compare a question with a caption zero-shot and
     LoRA teaches it that quickly on text; the image questions then reuse the comparison, fed by what the
-    connector reads (docs/measurements.md, the README)."""
+    connector reads (docs/measurements.md, docs/demo.md)."""
     seed: int = 0
 
     def __post_init__(self):

@@ -25,7 +25,7 @@ class StageSettings:
     warmup_ratio: float = 0.03
     connector_lr: float = 0.0
     """Stage 2: the connector's own peak learning rate (0 = `lr`). The demo keeps it 10× below the LoRA's, so
-    that stage 2 refines what stage 1 taught the connector rather than overwriting it (measured in the README)."""
+    that stage 2 refines what stage 1 taught the connector rather than overwriting it (measured: docs/demo.md)."""
 
     def __post_init__(self):
         if self.steps < 1 or self.micro_batch_size < 1 or self.grad_accum < 1 or not self.lr > 0:
@@ -59,7 +59,7 @@ class DemoSettings:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """The LLM modules stage 2 adapts (`mllm train --lora-target-modules`): attention only. On a CPU a rank-32
     adapter doubles the cost of each bf16 linear it sits on, and adapting every linear layer bought no accuracy
-    (measured in the README)."""
+    (measured: docs/demo.md)."""
     eval_batch_size: int = 32
     seed: int = 0
 
@@ -92,7 +92,7 @@ def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSett
         settings.stage1.lr = min(settings.stage1.lr, 1e-3)
         settings.stage1.warmup_ratio = 0.1
     if connector == "resampler" and schedule == "default":
-        # slower to align than the Q-Former: 120 stage-1 steps leave it short (README, docs/measurements.md)
+        # slower to align than the Q-Former: 120 stage-1 steps leave it short (docs/measurements.md)
         settings.stage1.steps = 180
     return settings
 

@@ -71,7 +71,7 @@ def training_attention(requested: str, runtime: Runtime, longest_row: int, compi
     """The attention kernel a training run uses, once its data (hence its longest row) is known: the one rule.
 
     `auto` on a CPU picks eager for short rows: PyTorch's CPU flash-attention backward is slow on small
-    blocks, while eager's quadratic scores lose on long rows (the README's performance section has the
+    blocks, while eager's quadratic scores lose on long rows (docs/performance.md has the
     timings). Compiled layers keep eager up to `EAGER_MAX_TOKENS_COMPILED`. Anything else is kept (auto on CUDA: flash-attn if installed, else SDPA).
     """
     bound = EAGER_MAX_TOKENS_COMPILED if compiled else EAGER_MAX_TOKENS
