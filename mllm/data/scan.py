@@ -159,7 +159,8 @@ def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     for src in reader.sources:
         s = src.spec
         h.update(json.dumps([s.path, s.format, s.image_column, s.text_column, s.prompt, s.split]).encode())
-        _file_fingerprint(s.path, h)
+        for path in src.files():
+            _file_fingerprint(path, h)
     h.update(np.asarray(tasks, dtype=np.int64).tobytes())
     return h.hexdigest()
 
