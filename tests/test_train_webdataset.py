@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
@@ -13,12 +14,8 @@ import torch
 
 from mllm.cli import main
 
-pytestmark = pytest.mark.usefixtures("one_process_group")
-
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
-
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
@@ -77,6 +74,7 @@ def test_shards_give_the_items_of_the_same_samples_as_json(backbones, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_process_group")
 def test_shards_train_both_stages_resume_at_the_exact_sample_and_evaluate(backbones, tmp_path, capsys):
     from test_train_runs import config, losses
 
