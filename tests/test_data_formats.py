@@ -1,5 +1,5 @@
 """Every source format loads into the same samples: ShareGPT, OpenAI messages, caption pairs (JSONL/CSV/Parquet),
-HF datasets saved on disk, Parquet with image bytes, and streamed webdataset shards."""
+HF datasets saved on disk, Parquet with image bytes, and webdataset tar shards."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mllm.config import IMAGE_TOKEN_ID
-from mllm.data import IGNORE_INDEX, Collator, build_dataset, build_streaming_dataset, load_recipe
+from mllm.data import IGNORE_INDEX, BadSampleError, Collator, build_dataset, load_recipe
 from mllm.data.sources import detect_format
 from mllm.testing.tokenizers import make_tokenizer
 
@@ -176,43 +176,73 @@ def write_shard(path, samples):
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_webdataset_shards_stream_across_workers_and_ranks(tmp_path):
-    for s in range(2):
+def wds_shards(folder, shards=2, per_shard=3) -> str:
+    """`shards` tar files of `per_shard` samples: a LLaVA conversation (sample 1 of each) or a .txt caption."""
+    for s in range(shards):
         samples = []
-        for i in range(3):
+        for i in range(per_shard):
             key = f"s{s}_{i:03d}"
-            samples.append((f"{key}.jpg", png("red")))
+            samples.append((f"{key}.jpg", png(("red", "blue")[s % 2])))
             if i == 1:
                 conv = {
                     "conversations": [
                         {"from": "human", "value": "<image>\nWhat?"},
                         {"from": "gpt", "value": "A square."},
-                    ]
+                    ],
+                    "question_type": "shape",
                 }
                 samples.append((f"{key}.json", json.dumps(conv).encode()))
             else:
                 samples.append((f"{key}.txt", f"caption {s} {i}".encode()))
-        write_shard(tmp_path / f"shard-{s:04d}.tar", samples)
-    path = str(tmp_path / "shard-{0000..0001}.tar")
+        write_shard(folder / f"shard-{s:04d}.tar", samples)
+    return str(folder / f"shard-{{0000..{shards - 1:04d}}}.tar")
+
+
+def test_webdataset_shards_are_indexed_into_the_same_dataset_and_sampler(tmp_path):
+    """Shards are indexed by their tar headers into an ordinary dataset: exact lengths, random access, the
+    sampler's exact per-rank split, DataLoader workers."""
+    from mllm.data import MixtureBatchSampler
+    from mllm.data.sources.webdataset import WebDatasetSource
+
+    path = wds_shards(tmp_path)
     assert detect_format(path) == "webdataset"
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(f"name: wds\ntemplate: llama3\nsources:\n  - path: '{path}'\n")
-    recipe = load_recipe(str(recipe_file))
-    with pytest.raises(ValueError, match="build_streaming_dataset"):
-        build_dataset(recipe, tokenizer(), K, preprocess, progress=False)
-    per_rank = []
-    for rank in range(2):
-        ds = build_streaming_dataset(recipe, tokenizer(), K, preprocess, seed=0, rank=rank, world_size=2)
-        items = list(ds)
-        per_rank.append({it["id"] for it in items})
-        assert all(it["pixel_values"].shape == (1, 3, 8, 8) for it in items)
-    assert per_rank[0].isdisjoint(per_rank[1]) and len(per_rank[0] | per_rank[1]) == 6
-    ds = build_streaming_dataset(recipe, tokenizer(), K, preprocess)
-    by_id = {it["id"]: it for it in ds}
-    assert supervised_text(tokenizer(), by_id["s1_001"]) == "A square.<|eot_id|>"
-    assert supervised_text(tokenizer(), by_id["s0_002"]) == "caption 0 2<|eot_id|>"
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=Collator(tokenizer().pad_token_id))
-    assert sum(len(b["sample_ids"]) for b in loader) == 6
+    ds = build(recipe_file, tmp_path)
+    assert [ds[i]["id"] for i in range(len(ds))] == [f"s{s}_{i:03d}" for s in range(2) for i in range(3)]
+    assert all(len(ds[i]["input_ids"]) == ds.lengths[i] for i in range(len(ds)))
+    assert supervised_text(tokenizer(), ds[4]) == "A square.<|eot_id|>"
+    assert supervised_text(tokenizer(), ds[2]) == "caption 0 2<|eot_id|>"
+    assert torch.equal(ds[3]["pixel_values"], preprocess([Image.new("RGB", (10, 10), "blue")]))
+    per_rank = [
+        [i for batch in MixtureBatchSampler(ds, 1, seed=0, rank=r, world_size=2) for i in batch]
+        for r in (0, 1)
+    ]
+    assert set(per_rank[0]).isdisjoint(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == list(range(6))
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=MixtureBatchSampler(ds, 2, seed=0),
+        num_workers=2,
+        collate_fn=Collator(tokenizer().pad_token_id),
+    )
+    assert sorted(i for b in loader for i in b["sample_ids"]) == sorted(ds[i]["id"] for i in range(6))
+    source = WebDatasetSource(load_recipe(str(recipe_file)).sources[0])
+    assert source.records[1]["question_type"] == "shape" and source.records[0] == {}
+
+
+def test_webdataset_bad_shards_and_samples_say_where(tmp_path):
+    write_shard(tmp_path / "a.tar", [("k1.jpg", png("red")), ("k1.json", b"{oops")])
+    with pytest.raises(BadSampleError, match=r"id 'k1'.*invalid_json.*k1.json.*shard .*a.tar"):
+        build(tmp_path / "a.tar", tmp_path)
+    with tarfile.open(tmp_path / "b.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "a.tar", arcname="k.jpg")
+    os.rename(tmp_path / "b.tar.gz", tmp_path / "b.tar")
+    with pytest.raises(ValueError, match="b.tar is not an uncompressed tar file.*decompress"):
+        build(tmp_path / "b.tar", tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sources:\n  - path: 'missing-{0000..0001}.tar'\n")
+    with pytest.raises(FileNotFoundError, match="shard .*missing-0000.tar does not exist"):
+        build(recipe, tmp_path)
 
 
 @pytest.mark.parametrize(

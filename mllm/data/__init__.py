@@ -16,7 +16,6 @@ from mllm.data.errors import BadSampleError
 from mllm.data.packing import PackingCollator, causal_block_mask
 from mllm.data.recipe import Recipe, SourceSpec, load_recipe
 from mllm.data.sampler import MixtureBatchSampler
-from mllm.data.streaming import StreamingDataset, build_streaming_dataset
 from mllm.data.templates import TEMPLATES
 
 __all__ = [
@@ -30,9 +29,7 @@ __all__ = [
     "PackingCollator",
     "Recipe",
     "SourceSpec",
-    "StreamingDataset",
     "build_dataset",
-    "build_streaming_dataset",
     "causal_block_mask",
     "encode_conversation",
     "load_recipe",

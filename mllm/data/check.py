@@ -11,18 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mllm.data.dataset import recipe_tasks
-from mllm.data.encode import ConversationEncoder
-from mllm.data.errors import BadSampleError
-from mllm.data.images import open_image
 from mllm.data.reader import open_reader
 from mllm.data.recipe import Recipe
-from mllm.data.sample import validate
-from mllm.data.scan import ScanResult, scan
+from mllm.data.scan import scan
 from mllm.data.sources import source_format
-from mllm.data.sources.webdataset import expand_shards, read_shard, shard_sample
 
 
 @dataclass
@@ -115,18 +109,15 @@ def check_recipe(
 ) -> CheckReport:
     """Read every selected sample and open every image it references; nothing is skipped silently."""
     formats = [source_format(spec) for spec in recipe.sources]
-    if "webdataset" in formats:
-        res = _stream_scan(recipe, tokenizer, image_tokens, progress)
-    else:
-        reader = open_reader(recipe, tokenizer, image_tokens)
-        res = scan(
-            reader,
-            recipe_tasks(reader, seed),
-            check_images=True,
-            workers=workers,
-            progress=progress,
-            desc=f"checking {recipe.name}",
-        )
+    reader = open_reader(recipe, tokenizer, image_tokens)
+    res = scan(
+        reader,
+        recipe_tasks(reader, seed),
+        check_images=True,
+        workers=workers,
+        progress=progress,
+        desc=f"checking {recipe.name}",
+    )
     reports = [SourceReport(spec.name, fmt) for spec, fmt in zip(recipe.sources, formats, strict=True)]
     good = res.length >= 0
     for k, si in enumerate(res.source.tolist()):
@@ -151,39 +142,3 @@ def write_bad_samples(report: CheckReport, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for b in report.bad:
             f.write(json.dumps(b) + "\n")
-
-
-def _stream_scan(recipe: Recipe, tokenizer, image_tokens: int, progress: bool) -> ScanResult:
-    """The webdataset counterpart of `scan`: shards read in order, one process."""
-    if any(source_format(spec) != "webdataset" for spec in recipe.sources):
-        raise ValueError(f"recipe {recipe.name!r}: webdataset sources cannot be mixed with other formats")
-    encoder = ConversationEncoder(tokenizer, recipe.template, image_tokens, recipe.max_length)
-    rows, bad = [], {}
-    bar = tqdm(desc=f"checking {recipe.name}", unit="sample", disable=not progress, leave=False)
-    for si, spec in enumerate(recipe.sources):
-        for path in expand_shards(spec.path):
-            for n, (key, files) in enumerate(read_shard(path)):
-                try:
-                    sample = shard_sample(key, files, spec.prompt)
-                    if recipe.system_prompt and not any(m["role"] == "system" for m in sample.messages):
-                        sample.messages.insert(0, {"role": "system", "content": recipe.system_prompt})
-                    validate(sample)
-                    enc = encoder.encode_full(sample.messages)
-                    for ref in sample.images:
-                        open_image(ref, recipe.image_root_of(spec), recipe.max_image_pixels)
-                    rows.append((si, n, len(enc.input_ids), enc.full_length, enc.num_images > 0))
-                except BadSampleError as e:
-                    bad[len(rows)] = e.located(source=spec.name, index=n, line=None, sample_id=key).record()
-                    bad[len(rows)]["shard"] = path
-                    rows.append((si, n, -1, 0, False))
-                bar.update()
-    bar.close()
-    cols = list(zip(*rows, strict=True)) or [[]] * 5
-    return ScanResult(
-        np.array(cols[0], dtype=np.int64),
-        np.array(cols[1], dtype=np.int64),
-        np.array(cols[2], dtype=np.int64),
-        np.array(cols[3], dtype=np.int64),
-        np.array(cols[4], dtype=bool),
-        bad,
-    )

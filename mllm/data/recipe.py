@@ -1,7 +1,8 @@
 """Data recipes: a YAML file naming data sources, image root, chat template and length limit.
 
-A bare `.json` / `.jsonl` data file is accepted wherever a recipe is: it is a
-one-source recipe whose images resolve against the file's folder.
+A bare data file (`.json`, `.jsonl`, `.csv`, `.parquet`, a `.tar` shard, a shard pattern such as
+`data-{0000..0009}.tar`, or a folder) is accepted wherever a recipe is: it is a one-source recipe whose images
+resolve against the file's folder.
 """
 
 from __future__ import annotations
@@ -134,8 +135,11 @@ def _resolve(base: str, path: str) -> str:
 
 def load_recipe(path: str, **overrides: Any) -> Recipe:
     """Read a recipe YAML (or treat a bare data file as a one-source recipe); `overrides` replace top-level keys."""
+    from mllm.data.sources.webdataset import is_webdataset  # the sources read recipes: imported late
+
     path = os.fspath(path)
-    if not os.path.exists(path):
+    shards = is_webdataset(path)  # a shard pattern (`data-{0000..0009}.tar`) names no one file
+    if not os.path.exists(path) and not shards:
         raise FileNotFoundError(f"data recipe or file not found: {path}")
     base = os.path.dirname(os.path.abspath(path))
     if path.endswith((".yaml", ".yml")):
@@ -146,7 +150,7 @@ def load_recipe(path: str, **overrides: Any) -> Recipe:
                 raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    elif path.endswith(DATA_FILE_SUFFIXES) or os.path.isdir(path):
+    elif path.endswith(DATA_FILE_SUFFIXES) or os.path.isdir(path) or shards:
         stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
         data = {"name": stem, "image_root": ".", "sources": [{"path": os.path.basename(path.rstrip("/"))}]}
     else:

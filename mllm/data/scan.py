@@ -110,7 +110,8 @@ def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     for src in reader.sources:
         s = src.spec
         h.update(json.dumps([s.path, s.format, s.image_column, s.text_column, s.prompt, s.split]).encode())
-        h.update(file_fingerprint(s.path, mtime=True).encode())
+        for path in src.files():
+            h.update(file_fingerprint(path, mtime=True).encode())
     h.update(np.asarray(tasks, dtype=np.int64).tobytes())
     return h.hexdigest()
 

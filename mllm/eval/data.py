@@ -7,6 +7,7 @@ each item is shown another item's image(s), never its own.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from dataclasses import dataclass, replace
@@ -15,6 +16,7 @@ from mllm.config import IMAGE_PLACEHOLDER
 from mllm.data.dataset import select_indices
 from mllm.data.errors import BadSampleError
 from mllm.data.recipe import load_recipe
+from mllm.data.sample import ImageRef
 from mllm.data.sources import open_source
 
 TYPE_FIELDS = ("question_type", "type")
@@ -25,8 +27,8 @@ class EvalItem:
     id: str
     messages: list[dict[str, str]]
     """The prompt: turns before the first assistant turn."""
-    images: list[str]
-    """Image references (paths relative to `image_root`), in placeholder order."""
+    images: list[ImageRef]
+    """Image references in placeholder order: paths relative to `image_root`, or image bytes (Parquet, shards)."""
     image_root: str
     reference: str
     type: str | None = None
@@ -35,7 +37,13 @@ class EvalItem:
     """After `swap_images`: paths of the images the sample really belongs with."""
 
     def image_paths(self) -> list[str]:
-        return [os.path.normpath(os.path.join(self.image_root, ref)) for ref in self.images]
+        """Where the images are, for the predictions file: a path, or `sha1:…` of image bytes held in the data."""
+        return [
+            os.path.normpath(os.path.join(self.image_root, ref))
+            if isinstance(ref, str)
+            else f"sha1:{hashlib.sha1(ref).hexdigest()}"
+            for ref in self.images
+        ]
 
 
 def load_eval_items(

@@ -1,7 +1,7 @@
 """Data source formats: one small file each, one registry line each; `auto` picks the format from the file.
 
-Map-style (random access, exact lengths up front): llava, messages, captions,
-parquet, hf. Streamed: webdataset (see `mllm.data.streaming`).
+Every source is random-access with exact lengths up front: llava, messages,
+captions, parquet, hf, and webdataset (tar shards, indexed by their headers).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mllm.data.sources.llava import LlavaSource
 from mllm.data.sources.messages import MessagesSource
 from mllm.data.sources.records import first_record
 from mllm.data.sources.table import HFDiskSource, ParquetSource
-from mllm.data.sources.webdataset import is_webdataset
+from mllm.data.sources.webdataset import WebDatasetSource, is_webdataset
 from mllm.registry import Registry
 
 SOURCES: Registry = Registry("data source format")
@@ -24,17 +24,15 @@ SOURCES.register("messages")(MessagesSource)
 SOURCES.register("captions")(CaptionSource)
 SOURCES.register("parquet")(ParquetSource)
 SOURCES.register("hf")(HFDiskSource)
+SOURCES.register("webdataset")(WebDatasetSource)
 SOURCES.alias("sharegpt", "llava")  # `conversations` of from/value turns: ShareGPT's layout, which LLaVA uses
 SOURCES.alias("openai", "messages")  # `messages` of role/content turns: OpenAI's chat layout
 
-STREAMING_FORMATS = ("webdataset",)
-ALL_FORMATS = (*SOURCES.names(), *STREAMING_FORMATS)
+ALL_FORMATS = SOURCES.names()
 
 
 def detect_format(path: str) -> str:
-    """The format of the data at `path`: a registered source whose `detect` accepts it, or `webdataset`."""
-    if is_webdataset(path):
-        return "webdataset"
+    """The format of the data at `path`: the first registered source whose `detect` accepts it."""
     first = first_record(path) if path.endswith((".json", ".jsonl")) and os.path.isfile(path) else None
     for name in SOURCES.names():
         if SOURCES.get(name).detect(path, first):
@@ -50,8 +48,6 @@ def source_format(spec: SourceSpec) -> str:
     """The registered format name of `spec`: detected for `auto`, an alias (`sharegpt`, `openai`) resolved."""
     if spec.format == "auto":
         return detect_format(spec.path)
-    if spec.format in STREAMING_FORMATS:
-        return spec.format
     if spec.format not in SOURCES:
         known = ", ".join([*ALL_FORMATS, *SOURCES.aliases()])
         raise KeyError(f"unknown data source format {spec.format!r}; known: {known}")
@@ -60,15 +56,9 @@ def source_format(spec: SourceSpec) -> str:
 
 def open_source(spec: SourceSpec) -> Source:
     """Open a random-access source a recipe entry names (the data must exist)."""
-    if not os.path.exists(spec.path) and not is_webdataset(spec.path):
+    if not os.path.exists(spec.path) and not is_webdataset(spec.path):  # a shard pattern names no one file
         raise FileNotFoundError(f"data source {spec.name!r}: {spec.path} does not exist")
-    fmt = source_format(spec)
-    if fmt in STREAMING_FORMATS:
-        raise ValueError(
-            f"data source {spec.name!r} is {fmt} shards, which stream without random access: "
-            "build it with mllm.data.build_streaming_dataset (all sources of the recipe must be webdataset)"
-        )
-    return SOURCES.get(fmt)(spec)
+    return SOURCES.get(source_format(spec))(spec)
 
 
 __all__ = ["ALL_FORMATS", "SOURCES", "Source", "detect_format", "open_source", "source_format"]

@@ -23,6 +23,10 @@ class Source:
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def files(self) -> list[str]:
+        """The files (or folder) the records are read from, for the length cache's fingerprint."""
+        return [self.spec.path]
+
     def sample(self, index: int) -> Sample:
         """The normalised sample at `index` (BadSampleError for a malformed record)."""
         raise NotImplementedError
