@@ -113,8 +113,9 @@ def _schedule(schedule: str, connector: str) -> DemoSettings:
             data=DemoData(
                 train_images=24, val_questions=24, test_questions=24, text_yes_no=1.0, **CONVERSATIONS
             ),
-            stage1=StageSettings(steps=2, micro_batch_size=4, lr=2e-3),
-            stage2=StageSettings(steps=2, micro_batch_size=4, lr=1e-3, connector_lr=1e-4),
+            # enough steps for the quick demo test to see learning (stage 1's caption loss falls ~2x), no more
+            stage1=StageSettings(steps=16, micro_batch_size=8, lr=2e-3),
+            stage2=StageSettings(steps=8, micro_batch_size=4, lr=1e-3, connector_lr=1e-4),
             lora_r=4,
             lora_alpha=8,
             eval_batch_size=16,
