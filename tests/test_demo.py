@@ -77,7 +77,9 @@ def test_quick_demo_writes_every_phase_and_the_results_schema(quick_demo, capsys
 
 LOSS_FALLS = 1.5
 """Stage 1 of the quick schedule: the mean loss of its first 3 logged steps over that of its last 3 is at least
-this (measured on the loaded CI machine: see the commit message; lr 0 gives ~1)."""
+this. Measured (same data and seed): at lr 1e-9 (a model that learns nothing) the ratio stays ~1.0 over 8 steps
+(7.41, 7.22, 6.90, … 7.04, 7.14, 7.30); at lr 2e-3 with micro-batches of 16 it was 1.62 after 8 steps; the
+quick schedule's 16 steps of 8 over its 21 captions (~6 passes) should clear it widely."""
 
 
 def loss_fall(metrics_path) -> float:
