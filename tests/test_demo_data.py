@@ -74,14 +74,23 @@ def test_files_are_llava_format_with_captions_and_typed_test_questions(built):
         assert s["conversations"][0]["value"].startswith("<image>\n") and os.path.isfile(out / s["image"])
 
 
+def _images(sample: dict) -> list[str]:
+    return sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
+
+
+def _training_images(out) -> set[str]:
+    return {
+        image
+        for f in ("stage1.json", "stage2_yes_no.json", "stage2_open.json")
+        for s in json.loads((out / f).read_text())
+        for image in _images(s)
+    }
+
+
 def test_test_questions_are_whole_held_out_test_images(built):
     out, manifest = built
     test = json.loads((out / "test.json").read_text())
-    train_images = {
-        s["image"]
-        for f in ("stage1.json", "stage2_yes_no.json", "stage2_open.json")
-        for s in json.loads((out / f).read_text())
-    }
+    train_images = _training_images(out)
     assert all(s["image"].startswith("images/test/") for s in test)
     assert all(i.startswith("images/train/") for i in train_images)
     per_image = Counter(s["image"] for s in test)
@@ -90,6 +99,66 @@ def test_test_questions_are_whole_held_out_test_images(built):
         everything[int(os.path.basename(i)[:-4])] == n for i, n in per_image.items()
     )  # all their questions
     assert manifest["test"]["images"] == len(per_image)
+
+
+def test_validation_is_whole_train_split_images_that_no_training_sample_shows(built):
+    out, manifest = built
+    files = {
+        name: json.loads((out / f"{name}.json").read_text()) for name in ("val", "val_turns", "val_captions")
+    }
+    val_images = {image for rows in files.values() for s in rows for image in _images(s)}
+    assert all(i.startswith("images/train/") and os.path.isfile(out / i) for i in val_images)
+    assert not val_images & _training_images(out)  # disjoint from every training sample
+    per_image = Counter(s["image"] for s in files["val"])
+    everything = Counter(q.image_id for q in load_questions("train"))
+    assert all(everything[int(os.path.basename(i)[:-4])] == n for i, n in per_image.items())
+    assert len(files["val"]) == manifest["val"]["questions"] >= 1000 and set(per_image) == val_images
+    assert {s["question_type"] for s in files["val"]} == {"yes/no", "color", "shape"}
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_turn_items_ask_each_question_once_more_as_a_later_turn_or_after_a_switch(built, split):
+    """Every single question comes back exactly once in *_turns.json, as its last (scored) turn: turn 2 / turn 3
+    after earlier questions about its image (with true answers), or after a turn about another image."""
+    from mllm.eval.data import load_eval_items
+
+    out, manifest = built
+    single = json.loads((out / f"{split}.json").read_text())
+    turns = json.loads((out / f"{split}_turns.json").read_text())
+    scored = Counter(
+        (_images(s)[-1], s["conversations"][-2]["value"].removeprefix("<image>\n")) for s in turns
+    )
+    asked = Counter((s["image"], s["conversations"][0]["value"].removeprefix("<image>\n")) for s in single)
+    assert scored == asked
+    truth = {
+        (q.image_id, q.question, q.answer) for q in load_questions("train" if split == "val" else "test")
+    }
+    kinds = Counter(s["question_type"] for s in turns)
+    assert set(kinds) == {"turn 2", "turn 3", "after switch"} and kinds == Counter(manifest[split]["turns"])
+    for s in turns:
+        images, conv = _images(s), s["conversations"]
+        questions = conv[::2]
+        if s["question_type"] == "after switch":
+            assert len(images) == 2 and images[0] != images[1] and len(conv) == 4
+            assert all(q["value"].startswith("<image>\n") for q in questions)
+        else:
+            assert len(images) == 1 and len(conv) == 2 * int(s["question_type"][-1])
+            assert questions[0]["value"].startswith("<image>\n")
+            assert not any("<image>" in q["value"] for q in questions[1:])
+        owners = [images[0]] * (len(questions) - 1) + [images[-1]]
+        for image, q, a in zip(owners, questions, conv[1::2], strict=True):
+            assert (
+                int(os.path.basename(image)[:-4]),
+                q["value"].removeprefix("<image>\n"),
+                a["value"],
+            ) in truth
+    items = load_eval_items(str(out / f"demo_{split}_turns.yaml"))
+    assert [it.reference for it in items] == [s["conversations"][-1]["value"] for s in turns]
+    assert all(
+        it.messages[-1]["role"] == "user" and len(it.messages) == len(s["conversations"]) - 1
+        for it, s in zip(items, turns, strict=True)
+    )
+    assert [len(it.images) for it in items] == [len(_images(s)) for s in turns]
 
 
 def test_stage2_sources_hold_one_kind_each_and_yes_no_is_balanced_for_every_wording(built):
@@ -143,6 +212,15 @@ def test_bad_sizes_are_refused():
         DemoData(test_questions=10**6)
     with pytest.raises(ValueError, match="text_yes_no is a share of the yes/no questions, in 0..1; got 2"):
         DemoData(text_yes_no=2)
+    with pytest.raises(ValueError, match="switch is a share"):
+        DemoData(switch=1.5)
+    with pytest.raises(ValueError, match="multi_turn > 0 needs questions_per_sample >= 2"):
+        DemoData(multi_turn=0.5)
+
+
+def test_too_many_training_images_for_what_validation_leaves_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"train_images=4000, but only 3\d\d\d train-split images are left"):
+        build_demo_data(str(tmp_path), DemoData(train_images=4000, test_questions=20))
 
 
 def test_text_drills_ask_each_yes_no_question_about_a_caption_with_balanced_answers(tmp_path, backbones):
@@ -189,7 +267,9 @@ def test_multi_turn_stage2_keeps_every_question_with_its_own_image(tmp_path, bac
 
     cfg = dict(train_images=60, test_questions=20, balance_yes_no=False, seed=2)
     one = build_demo_data(str(tmp_path / "one"), DemoData(**cfg))
-    four = build_demo_data(str(tmp_path / "four"), DemoData(**cfg, questions_per_sample=4))
+    four = build_demo_data(
+        str(tmp_path / "four"), DemoData(**cfg, questions_per_sample=4, multi_turn=0.5, switch=0.3)
+    )
     samples = [
         s
         for part in ("yes_no", "open")
@@ -198,14 +278,19 @@ def test_multi_turn_stage2_keeps_every_question_with_its_own_image(tmp_path, bac
     assert four["stage2"]["questions"] == one["stage2"]["questions"] == one["stage2"]["samples"]
     assert four["stage2"]["by_type"] == one["stage2"]["by_type"] and len(samples) < one["stage2"]["samples"]
     truth = {(q.image_id, q.question, q.answer) for q in load_questions("train")}
+    sizes = Counter(len(s["conversations"]) // 2 for s in samples)
+    assert sizes[1] and sizes[2] and max(sizes) <= 8 and four["stage2"]["turns"]["with_switch"] > 0
     for s in samples:
         turns = s["conversations"]
-        assert 2 <= len(turns) <= 8 and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        images = s["image"] if isinstance(s["image"], list) else [s["image"]]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
         assert turns[0]["value"].startswith("<image>\n")
-        assert not any("<image>" in t["value"] for t in turns[1:])
-        image_id = int(os.path.basename(s["image"])[:-4])
+        assert sum("<image>" in t["value"] for t in turns) == len(images) == len(set(images)) <= 2
+        image = None
         for q, a in zip(turns[::2], turns[1::2], strict=True):
-            assert (image_id, q["value"].removeprefix("<image>\n"), a["value"]) in truth
+            if q["value"].startswith("<image>\n"):  # a switch: the later turns are about the next image
+                image = int(os.path.basename(images.pop(0))[:-4])
+            assert (image, q["value"].removeprefix("<image>\n"), a["value"]) in truth
     shutil.copyfile(shipped_recipes_dir() / "demo_stage2.yaml", tmp_path / "four" / "demo_stage2.yaml")
     tokenizer = AutoTokenizer.from_pretrained(backbones["llama"])
     recipe = load_recipe(str(tmp_path / "four" / "demo_stage2.yaml"))

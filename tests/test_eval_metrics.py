@@ -58,3 +58,19 @@ def test_caption_scores_perfect_and_wrong():
     assert (
         wrong["bleu4"] < 0.1 and wrong["rouge_l"] < perfect["rouge_l"] and wrong["cider"] < perfect["cider"]
     )
+
+
+def test_wilson_interval_known_values_and_edges():
+    from mllm.eval.metrics import wilson_interval
+
+    low, high = wilson_interval(50, 100)
+    assert (round(low, 4), round(high, 4)) == (0.4038, 0.5962)  # the textbook 50/100 case
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and 0.27 < high < 0.28  # not zero-width at the edge
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] < 0.73
+    low, high = wilson_interval(900, 1000)
+    assert 0.03 < high - low < 0.04  # n ~1,000: about ±2 points
+    with pytest.raises(ValueError, match="n >= 1"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)

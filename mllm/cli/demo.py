@@ -11,12 +11,16 @@ from mllm.cli import UserError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--output", default="runs/demo", help="run folder: data, stage1/, stage2/, eval*/, results.json"
+        "--output",
+        default="runs/demo",
+        help="run folder: data/, stage1/, stage2/, eval_{val,test}*/, results.json (validation and test apart)",
     )
     p.add_argument("--connector", choices=["mlp", "qformer", "resampler"], default="mlp")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
-        "--quick", action="store_true", help="a few steps on a few samples (CI; accuracy meaningless)"
+        "--quick",
+        action="store_true",
+        help="16 + 8 steps on 24 images (CI: checks that it learns; ~30 questions, so accuracy means little)",
     )
     mode.add_argument(
         "--full",

@@ -5,14 +5,21 @@ name these files relative to their own folder):
 
     images/train/<id>.png, images/test/<id>.png
     stage1.json   one caption per training image        ("A blue triangle.")
-    stage2_yes_no.json  train-split yes/no questions about an image (up to questions_per_sample
-                  per conversation; optionally balanced per wording)
-    stage2_open.json    train-split colour and shape questions ("what color is the shape?")
+    stage2_yes_no.json  train-split yes/no questions about an image (conversations of one or more turns,
+                  some switching to another image; optionally balanced per wording)
+    stage2_open.json    train-split colour and shape questions ("what color is the shape?"), likewise
     stage2_text.json    text drills: yes/no questions about a caption in words (`text_yes_no`)
                   — three sources, so that the stage-2 recipe weighs their shares of the mixture
-    test.json     questions of held-out test images, each with its `question_type`
-    test_captions.json  captions of those test images (checks what stage 1 learned)
+    val.json, val_turns.json, val_captions.json
+                  validation: the questions (one per conversation), the same questions asked as a later
+                  turn or right after an image switch, and the captions of train-split images that no
+                  training sample shows; every demo setting is chosen on these
+    test.json, test_turns.json, test_captions.json
+                  the same three of held-out easy-VQA *test* images (reported, never tuned on)
     manifest.json what was built, from what, with which settings
+
+Every evaluation file gives each sample a `question_type`: yes/no | color | shape for single questions,
+`turn 2` | `turn 3` | `after switch` for the conversations (the earlier turns carry their true answers).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import json
 import os
 import random
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 
 from mllm.config import IMAGE_PLACEHOLDER
@@ -34,8 +41,12 @@ CAPTION_PROMPT = "Describe the image."
 class DemoData:
     """How much of easy-VQA the demo uses."""
 
-    train_images: int = 4000
-    """Training images (of 4,000), drawn at random; stage 1 and stage 2 both use these."""
+    train_images: int = 3800
+    """Training images, drawn at random from the train split's 4,000 less the validation images; stage 1 and
+    stage 2 both use these."""
+    val_questions: int = 1000
+    """At least this many validation questions: all questions of as many train-split images as that takes
+    (~100); those images are in no training sample."""
     test_questions: int = 1000
     """At least this many held-out questions, all questions of as many test images as that takes."""
     balance_yes_no: bool = True
@@ -45,10 +56,14 @@ class DemoData:
     (docs/measurements.md)."""
     questions_per_sample: int = 1
     """Stage 2: up to this many questions about one image in one multi-turn conversation (the image once, in
-    the first turn), as LLaVA's instruction data does. The tokens per supervised answer fall with it (the image
-    and the turn scaffolding are paid once), so the same compute trains on more answers; on the default demo
-    that bought no accuracy in the same time (test questions come one per conversation: docs/measurements.md),
-    so the demo keeps 1."""
+    the first turn), as LLaVA's instruction data does; `multi_turn` says how many conversations have more than
+    one. (docs/measurements.md: at 4 per conversation, fewer tokens per question, no accuracy gain.)"""
+    multi_turn: float = 0.0
+    """Stage 2: the share of image conversations holding 2..questions_per_sample questions (the rest hold one).
+    Without any, the model answered a second question about the first one's image wrongly (issue 19)."""
+    switch: float = 0.0
+    """Stage 2: the share of image conversations followed, in the same sample, by another image's conversation
+    of the same kind: a later user turn with its own `<image>` (what `mllm chat`'s /image does)."""
     text_yes_no: float = 0.0
     """Stage 2: this share of the yes/no questions is also asked about a caption in words — a text-only
     sample ("A red circle.\nis there a blue shape?" → "no"), its caption drawn from the training images so
@@ -62,6 +77,17 @@ class DemoData:
             raise ValueError(f"questions_per_sample must be >= 1, got {self.questions_per_sample}")
         if not 1 <= self.train_images <= 4000:
             raise ValueError(f"train_images must be in 1..4000, got {self.train_images}")
+        if not 1 <= self.val_questions <= 9000:
+            raise ValueError(f"val_questions must be in 1..9000, got {self.val_questions}")
+        for name in ("multi_turn", "switch"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"{name} is a share of the image conversations, in 0..1; got {getattr(self, name)}"
+                )
+        if self.multi_turn > 0 and self.questions_per_sample < 2:
+            raise ValueError(
+                "multi_turn > 0 needs questions_per_sample >= 2 (the most questions per conversation)"
+            )
         if not 0.0 <= self.text_yes_no <= 1.0:
             raise ValueError(
                 f"text_yes_no is a share of the yes/no questions, in 0..1; got {self.text_yes_no}"
@@ -75,7 +101,15 @@ def build_demo_data(out: str, cfg: DemoData) -> dict:
     rng = random.Random(cfg.seed)
     train_q = load_questions("train")
     notes = annotate(train_q)
-    train_ids = sorted(rng.sample(sorted(notes), cfg.train_images))
+    val_q = _held_out(train_q, cfg.val_questions, rng)
+    val_ids = sorted({q.image_id for _, q in val_q})
+    free = sorted(set(notes) - set(val_ids))
+    if cfg.train_images > len(free):
+        raise ValueError(
+            f"train_images={cfg.train_images}, but only {len(free)} train-split images are left after the "
+            f"{len(val_ids)} validation images (val_questions={cfg.val_questions}); lower one of them"
+        )
+    train_ids = sorted(rng.sample(free, cfg.train_images))
     chosen = set(train_ids)
     train_q = [q for q in train_q if q.image_id in chosen]
     all_test_q = load_questions("test")
@@ -86,33 +120,38 @@ def build_demo_data(out: str, cfg: DemoData) -> dict:
     os.makedirs(out, exist_ok=True)
     stage1 = [_caption_sample(i, notes[i]) for i in train_ids if notes[i].complete]
     yes_no, open_ = [], []
-    for group in _conversations(_stage2_questions(train_q, cfg, rng), cfg.questions_per_sample, rng):
+    groups = _conversations(_stage2_questions(train_q, cfg, rng), cfg, rng)
+    for group in groups:
         sample = _qa_sample(f"train-q{group[0][0]}", [q for _, q in group], "train")
         (yes_no if group[0][1].type == "yes/no" else open_).append(sample)
     stage2 = yes_no + open_
     drills = _text_drills(train_q, notes, cfg.text_yes_no, rng)
     for part in (yes_no, open_, drills):
         rng.shuffle(part)
-    test = [_qa_sample(f"test-q{n}", [q], "test") | {"question_type": q.type} for n, q in test_q]
-    test_captions = [_caption_sample(i, test_notes[i], "test") for i in test_ids if test_notes[i].complete]
-    _copy_images("train", train_ids, out)
-    _copy_images("test", test_ids, out)
+    files = {"stage1.json": stage1, "stage2_yes_no.json": yes_no, "stage2_open.json": open_}
+    files["stage2_text.json"] = drills
     manifest = {
         "source": "easy-vqa (PyPI)",
         "settings": asdict(cfg),
         "stage1": {"samples": len(stage1), "images_without_full_annotation": len(train_ids) - len(stage1)},
-        "stage2": _counts(stage2) | {"text_drills": len(drills)},
-        "test": _counts(test) | {"images": len(test_ids)},
-        "test_captions": {"samples": len(test_captions)},
+        "stage2": _counts(stage2) | {"text_drills": len(drills), "turns": _turn_counts(stage2)},
     }
-    files = {
-        "stage1.json": stage1,
-        "stage2_yes_no.json": yes_no,
-        "stage2_open.json": open_,
-        "stage2_text.json": drills,
-        "test.json": test,
-        "test_captions.json": test_captions,
-    }
+    for name, split, questions, split_notes in (
+        ("val", "train", val_q, notes),
+        ("test", "test", test_q, test_notes),
+    ):
+        ids = sorted({q.image_id for _, q in questions})
+        single = [_qa_sample(f"{name}-q{n}", [q], split) | {"question_type": q.type} for n, q in questions]
+        turns = _turn_items(questions, name, split, rng)
+        captions = [_caption_sample(i, split_notes[i], split) for i in ids if split_notes[i].complete]
+        files |= {f"{name}.json": single, f"{name}_turns.json": turns, f"{name}_captions.json": captions}
+        manifest[name] = _counts(single) | {
+            "images": len(ids),
+            "turns": dict(Counter(t["question_type"] for t in turns)),
+        }
+        manifest[f"{name}_captions"] = {"samples": len(captions)}
+    _copy_images("train", sorted(chosen | set(val_ids)), out)
+    _copy_images("test", test_ids, out)
     for name, rows in (*files.items(), ("manifest.json", manifest)):
         _write_json(os.path.join(out, name), rows)
     return manifest
@@ -156,19 +195,69 @@ def _stage2_questions(
 
 
 def _conversations(
-    questions: list[tuple[int, Question]], per_sample: int, rng: random.Random
+    questions: list[tuple[int, Question]], cfg: DemoData, rng: random.Random
 ) -> list[list[tuple[int, Question]]]:
-    """Questions about the same image, shuffled, in groups of at most `per_sample` (one group per sample); a group
-    holds either yes/no or open (colour, shape) questions, never both, so that each lands in its own source."""
-    by_image: dict[tuple[int, bool], list[tuple[int, Question]]] = defaultdict(list)
+    """Every question once, in conversations: questions about one image, shuffled, in runs of one (or, for a
+    `multi_turn` share, 2..questions_per_sample); a `switch` share of the runs is followed by the next run,
+    about another image. A conversation holds either yes/no or open (colour, shape) questions, never both, so
+    that each lands in its own source."""
+    by_image: dict[tuple[bool, int], list[tuple[int, Question]]] = defaultdict(list)
     for item in questions:
-        by_image[item[1].image_id, item[1].type == "yes/no"].append(item)
-    groups = []
+        by_image[item[1].type == "yes/no", item[1].image_id].append(item)
+    runs: dict[bool, list[list[tuple[int, Question]]]] = defaultdict(list)
     for key in sorted(by_image):
         items = by_image[key]
         rng.shuffle(items)
-        groups += [items[i : i + per_sample] for i in range(0, len(items), per_sample)]
-    return groups
+        while items:
+            size = 1
+            if rng.random() < cfg.multi_turn:
+                size = rng.randint(2, cfg.questions_per_sample)
+            runs[key[0]].append(items[:size])
+            items = items[size:]
+    groups = []
+    for kind in sorted(runs):
+        queue = runs[kind]
+        rng.shuffle(queue)
+        while queue:
+            group = queue.pop()
+            if queue and rng.random() < cfg.switch and queue[-1][0][1].image_id != group[0][1].image_id:
+                group = group + queue.pop()
+            groups.append(group)
+    return sorted(groups, key=lambda g: g[0][0])
+
+
+def _turn_items(
+    questions: list[tuple[int, Question]], prefix: str, split: str, rng: random.Random
+) -> list[dict]:
+    """Each question once more, as a later turn: an image's questions, shuffled, in chains of three score the
+    second (`turn 2`) and third (`turn 3`) with the earlier ones and their true answers before them; each
+    chain's first question is asked right after a turn about another image (`after switch`)."""
+    by_image: dict[int, list[tuple[int, Question]]] = defaultdict(list)
+    for item in questions:
+        by_image[item[1].image_id].append(item)
+    images = sorted(by_image)
+    if len(images) < 2:
+        raise ValueError(
+            f"{prefix}: the switch items need questions about at least 2 images, got {len(images)}"
+        )
+    items = []
+    for k, image_id in enumerate(images):
+        chain_items = by_image[image_id][:]
+        rng.shuffle(chain_items)
+        other = by_image[images[(k + 1) % len(images)]]
+        for c in range(0, len(chain_items), 3):
+            chain = [q for _, q in chain_items[c : c + 3]]
+            n = chain_items[c][0]
+            before = rng.choice(other)[1]
+            items.append(
+                _qa_sample(f"{prefix}-q{n}-switch", [before, chain[0]], split)
+                | {"question_type": "after switch"}
+            )
+            for turn in range(2, len(chain) + 1):
+                n = chain_items[c + turn - 1][0]
+                sample = _qa_sample(f"{prefix}-q{n}-turn{turn}", chain[:turn], split)
+                items.append(sample | {"question_type": f"turn {turn}"})
+    return items
 
 
 def _text_drills(
@@ -218,12 +307,16 @@ def _caption_sample(image_id: int, note: Annotation, split: str = "train") -> di
 
 
 def _qa_sample(sample_id: str, questions: list[Question], split: str) -> dict:
-    """One conversation about one image: its questions in turn, the image in the first."""
-    turns = []
-    for k, q in enumerate(questions):
-        prompt = f"{IMAGE_PLACEHOLDER}\n{q.question}" if k == 0 else q.question
+    """One conversation: its questions in turn, each image in the first turn about it (a later `<image>` is
+    a switch); `image` is a list when there are several."""
+    turns, images = [], []
+    for q in questions:
+        path = _image_path(split, q.image_id)
+        new = not images or images[-1] != path
+        images += [path] if new else []
+        prompt = f"{IMAGE_PLACEHOLDER}\n{q.question}" if new else q.question
         turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": q.answer}]
-    return {"id": sample_id, "image": _image_path(split, questions[0].image_id), "conversations": turns}
+    return {"id": sample_id, "image": images[0] if len(images) == 1 else images, "conversations": turns}
 
 
 def _copy_images(split: str, image_ids: list[int], out: str) -> None:
@@ -248,6 +341,13 @@ def _counts(samples: list[dict]) -> dict:
         "by_type": dict(sorted(by_type.items())),
         "answers": dict(sorted(answers.items())),
     }
+
+
+def _turn_counts(samples: list[dict]) -> dict:
+    """How many conversations have 1, 2, … questions, and how many switch image."""
+    sizes = Counter(len(s["conversations"]) // 2 for s in samples)
+    switches = sum(isinstance(s["image"], list) for s in samples)
+    return {"questions_per_conversation": dict(sorted(sizes.items())), "with_switch": switches}
 
 
 def _write_json(path: str, data) -> None:

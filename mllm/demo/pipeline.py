@@ -1,4 +1,8 @@
-"""The demo, phase by phase: fetch backbones → build data → stage 1 → stage 2 → evaluate (+ blind) → report.
+"""The demo, phase by phase: fetch backbones → build data → stage 1 → stage 2 → evaluate → report.
+
+Validation (train-split images no training sample shows) and test (easy-VQA's held-out split) are scored apart,
+each with a 95% interval: settings are chosen on validation, test is only reported. Both are asked one question
+per conversation and again as later turns / after an image switch; test also gets the blind baseline.
 
 Every training and evaluation phase is the command a user would type
 (`python -m mllm train --stage 1 …`, `python -m mllm eval …`), run as a child
@@ -22,12 +26,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mllm.demo.data import build_demo_data
-from mllm.demo.easy_vqa import QUESTION_TYPES
 from mllm.demo.settings import DemoSettings
 from mllm.fetch import fetch
 
 LLM_NAME = "smollm2-135m-instruct"
-RECIPES = ("demo_stage1.yaml", "demo_stage2.yaml", "demo_test.yaml", "demo_test_captions.yaml")
+SPLITS = ("val", "test")
+RECIPES = (
+    "demo_stage1.yaml",
+    "demo_stage2.yaml",
+    *(f"demo_{split}{part}.yaml" for split in SPLITS for part in ("", "_turns", "_captions")),
+)
 
 
 class DemoError(RuntimeError):
@@ -76,15 +84,26 @@ class Demo:
             manifest = self.build_data()
         with self.phase("stage1"):
             self.train(1, llm)
-        with self.phase("eval_stage1"):
-            captions = self.evaluate("stage1", "demo_test_captions.yaml", "eval_stage1")
+        scores: dict[str, dict] = {}
+        for split in SPLITS:
+            with self.phase(f"eval_stage1_{split}"):
+                scores[f"{split}_captions"] = self.evaluate(
+                    "stage1", f"demo_{split}_captions.yaml", f"eval_stage1_{split}"
+                )
         with self.phase("stage2"):
             self.train(2, llm)
-        with self.phase("eval"):
-            seen = self.evaluate("stage2", "demo_test.yaml", "eval")
-        with self.phase("eval_blind"):
-            blind = self.evaluate("stage2", "demo_test.yaml", "eval_blind", swap_images=True)
-        results = self.results(captions, seen, blind, manifest, time.monotonic() - start)
+        for split in SPLITS:
+            with self.phase(f"eval_{split}"):
+                scores[split] = self.evaluate("stage2", f"demo_{split}.yaml", f"eval_{split}")
+            with self.phase(f"eval_{split}_turns"):
+                scores[f"{split}_turns"] = self.evaluate(
+                    "stage2", f"demo_{split}_turns.yaml", f"eval_{split}_turns"
+                )
+        with self.phase("eval_test_blind"):
+            scores["test_blind"] = self.evaluate(
+                "stage2", "demo_test.yaml", "eval_test_blind", swap_images=True
+            )
+        results = self.results(scores, manifest, time.monotonic() - start)
         (self.out / "results.json").write_text(json.dumps(results, indent=2))
         print(format_report(results))
         return results
@@ -180,36 +199,27 @@ class Demo:
                 sys.stdout.flush()
         log.flush()
 
-    def results(self, captions: dict, seen: dict, blind: dict, manifest: dict, seconds: float) -> dict:
-        stage1 = _summary(self.out / "stage1")
-        stage2 = _summary(self.out / "stage2")
-        by_type = {}
-        for kind in QUESTION_TYPES:
-            s, b = seen.get("per_type", {}).get(kind), blind.get("per_type", {}).get(kind)
-            if s is not None:
-                by_type[kind] = {
-                    "accuracy": s["vqa_accuracy"],
-                    "blind_accuracy": b["vqa_accuracy"],
-                    "n": s["n"],
-                }
+    def results(self, scores: dict[str, dict], manifest: dict, seconds: float) -> dict:
+        """results.json: per split the single-question scores (overall, per type), the later-turn and switch
+        scores and stage 1's captions, each with n and a 95% Wilson interval; test also with its blind scores."""
         example = json.loads((self.data_dir / "test.json").read_text())[0]["image"]
+        splits = {}
+        for split in SPLITS:
+            blind = scores.get(f"{split}_blind")
+            block = _rate(scores[split], blind)
+            block["by_type"] = {
+                kind: _rate(s, blind and blind.get("per_type", {}).get(kind))
+                for kind, s in scores[split].get("per_type", {}).items()
+            }
+            block["turns"] = {
+                kind: _rate(s) for kind, s in scores[f"{split}_turns"].get("per_type", {}).items()
+            }
+            block["captions"] = _rate(scores[f"{split}_captions"])
+            splits["validation" if split == "val" else split] = block
         return {
-            "stage1": {
-                "caption_accuracy": captions["vqa_accuracy"],
-                "n": captions["n"],
-                "steps": stage1["step"],
-                "first_loss": stage1["first_loss"],
-                "final_loss": stage1["final_loss"],
-            },
-            "stage2": {
-                "accuracy": seen["vqa_accuracy"],
-                "blind_accuracy": blind["vqa_accuracy"],
-                "by_type": by_type,
-                "n": seen["n"],
-                "steps": stage2["step"],
-                "first_loss": stage2["first_loss"],
-                "final_loss": stage2["final_loss"],
-            },
+            "stage1": _losses(self.out / "stage1"),
+            "stage2": _losses(self.out / "stage2"),
+            **splits,
             "seconds": round(seconds, 1),
             "visual_tokens": _visual_tokens(self.settings),
             "phases": self.seconds,
@@ -218,6 +228,23 @@ class Demo:
             "checkpoint": str(self.out / "stage2"),
             "chat_command": chat_command(self.out / "stage2", self.data_dir / example),
         }
+
+
+def _rate(scores: dict, blind: dict | None = None) -> dict:
+    """{accuracy, n, ci95} (percent) from an `mllm eval` scores dict, and blind_accuracy when given."""
+    from mllm.eval.metrics import wilson_interval
+
+    n, accuracy = scores["n"], scores["vqa_accuracy"]
+    low, high = wilson_interval(accuracy * n / 100, n)
+    out = {"accuracy": accuracy, "n": n, "ci95": [round(100 * low, 1), round(100 * high, 1)]}
+    if blind is not None:
+        out["blind_accuracy"] = blind["vqa_accuracy"]
+    return out
+
+
+def _losses(stage_dir: Path) -> dict:
+    s = _summary(stage_dir)
+    return {"steps": s["step"], "first_loss": s["first_loss"], "final_loss": s["final_loss"]}
 
 
 def _stop_group(pgid: int) -> None:
@@ -297,27 +324,44 @@ def _summary(stage_dir: Path) -> dict:
 
 
 def format_report(r: dict) -> str:
-    """The results table, the time per phase and the chat command."""
-    s2, s1, st = r["stage2"], r["stage1"], r["settings"]
+    """Validation and test side by side (n, accuracy, 95% interval; test's blind and gap), times, chat command."""
+    st, val, test = r["settings"], r["validation"], r["test"]
     lines = [
         "",
         f"mllm demo ({st['schedule']}): EfficientNet-Lite0 + SmolLM2-135M-Instruct, connector {st['connector']} "
-        f"({r['visual_tokens']} visual tokens), "
-        f"LoRA r={st['lora_r']}; easy-VQA held-out test questions",
-        f"{'':<10} {'n':>6} {'accuracy':>9} {'blind':>9} {'gap':>7}",
+        f"({r['visual_tokens']} visual tokens), LoRA r={st['lora_r']}; easy-VQA",
+        f"{'':<16} {'validation':^29} | {'test (held out)':^45}",
+        f"{'':<16} {'n':>5} {'accuracy':>9} {'95% CI':>13} | {'n':>5} {'accuracy':>9} {'95% CI':>13} "
+        f"{'blind':>8} {'gap':>6}",
     ]
-    rows = [("overall", {"n": s2["n"], "accuracy": s2["accuracy"], "blind_accuracy": s2["blind_accuracy"]})]
-    rows += list(s2["by_type"].items())
-    for name, v in rows:
-        gap = v["accuracy"] - v["blind_accuracy"]
-        lines.append(
-            f"{name:<10} {v['n']:>6} {v['accuracy']:>8.1f}% {v['blind_accuracy']:>8.1f}% {gap:>+6.1f}"
-        )
+    rows = [("overall", val, test)]
+    rows += [(k, val["by_type"].get(k), v) for k, v in test["by_type"].items()]
+    rows += [(k, val["turns"].get(k), v) for k, v in test["turns"].items()]
+    rows += [("stage-1 captions", val["captions"], test["captions"])]
+    for name, v, t in rows:
+        line = f"{name:<16} {_cells(v)} | {_cells(t)}"
+        if "blind_accuracy" in t:
+            line += f" {t['blind_accuracy']:>7.1f}% {t['accuracy'] - t['blind_accuracy']:>+6.1f}"
+        lines.append(line)
     lines.append(
-        "blind = the same model with each test image replaced by another test image (mllm eval --swap-images)"
+        "turn 2 / turn 3: the question asked as that turn about its image; after switch: asked right after a turn"
     )
-    lines.append(f"stage 1: held-out captions exactly right {s1['caption_accuracy']:.1f}% (n={s1['n']})")
+    lines.append(
+        "about another image. blind = each test image replaced by another test image (mllm eval --swap-images)"
+    )
+    losses = [
+        f"stage {k}: loss {r[f'stage{k}']['first_loss']:.2f} → {r[f'stage{k}']['final_loss']:.2f}"
+        for k in (1, 2)
+    ]
+    lines.append(" | ".join(losses))
     phases = " | ".join(f"{k} {v:.0f}s" for k, v in r["phases"].items())
     lines.append(f"time: {phases} | total {r['seconds'] / 60:.1f} min")
     lines.append(f"chat with it: {r['chat_command']}")
     return "\n".join(lines)
+
+
+def _cells(v: dict | None) -> str:
+    if v is None:
+        return f"{'-':>5} {'-':>9} {'-':>13}"
+    ci = f"[{v['ci95'][0]:.1f}, {v['ci95'][1]:.1f}]"
+    return f"{v['n']:>5} {v['accuracy']:>8.1f}% {ci:>13}"

@@ -97,14 +97,22 @@ def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSett
     return settings
 
 
+CONVERSATIONS = {"questions_per_sample": 3, "multi_turn": 0.3, "switch": 0.2}
+"""Stage 2's conversations in every schedule: 30% ask 2-3 questions about their image, 20% go on about another
+image (measured in docs/demo.md: questions asked as a later turn or after a switch)."""
+
+
 def _schedule(schedule: str, connector: str) -> DemoSettings:
     if schedule == "quick":
         return DemoSettings(
             schedule,
             connector,
-            data=DemoData(train_images=24, test_questions=24, text_yes_no=1.0),
-            stage1=StageSettings(steps=2, micro_batch_size=4, lr=2e-3),
-            stage2=StageSettings(steps=2, micro_batch_size=4, lr=1e-3, connector_lr=1e-4),
+            data=DemoData(
+                train_images=24, val_questions=24, test_questions=24, text_yes_no=1.0, **CONVERSATIONS
+            ),
+            # enough steps for the quick demo test to see learning (stage 1's caption loss falls ~2x), no more
+            stage1=StageSettings(steps=16, micro_batch_size=8, lr=2e-3),
+            stage2=StageSettings(steps=8, micro_batch_size=4, lr=1e-3, connector_lr=1e-4),
             lora_r=4,
             lora_alpha=8,
             eval_batch_size=16,
@@ -113,13 +121,13 @@ def _schedule(schedule: str, connector: str) -> DemoSettings:
         return DemoSettings(
             schedule,
             connector,
-            data=DemoData(train_images=4000, test_questions=1000, balance_yes_no=False, text_yes_no=1.0),
+            data=DemoData(balance_yes_no=False, text_yes_no=1.0, **CONVERSATIONS),
         )
     if schedule == "full":
         return DemoSettings(
             schedule,
             connector,
-            data=DemoData(train_images=4000, test_questions=2000, balance_yes_no=False, text_yes_no=1.0),
+            data=DemoData(test_questions=2000, balance_yes_no=False, text_yes_no=1.0, **CONVERSATIONS),
             stage1=StageSettings(steps=600, micro_batch_size=32, lr=2e-3),
             stage2=StageSettings(steps=3000, micro_batch_size=16, lr=1e-3, connector_lr=1e-4),
         )

@@ -1,6 +1,7 @@
 """Evaluation items from LLaVA-format data (a file or a recipe): the question turn(s), the images, the reference answer.
 
-The prompt is everything before the first assistant turn; that turn's text is the reference. An optional
+The reference is the last assistant turn's text; the prompt is everything before it (earlier turns, with their
+answers, are the conversation so far). An optional
 per-sample `question_type` (or `type`) field groups the scores. `swap_images` builds the "blind" control:
 each item is shown another item's image(s), never its own.
 """
@@ -26,7 +27,7 @@ TYPE_FIELDS = ("question_type", "type")
 class EvalItem:
     id: str
     messages: list[dict[str, str]]
-    """The prompt: turns before the first assistant turn."""
+    """The prompt: every turn before the last assistant turn."""
     images: list[ImageRef]
     """Image references in placeholder order: paths relative to `image_root`, or image bytes (Parquet, shards)."""
     image_root: str
@@ -75,7 +76,9 @@ def load_eval_items(
 
 def _item(source, index: int, root: str, max_image_pixels: int) -> EvalItem:
     sample = source.sample(index)
-    answer_at = next((i for i, m in enumerate(sample.messages) if m["role"] == "assistant"), None)
+    answer_at = next(
+        (i for i in reversed(range(len(sample.messages))) if sample.messages[i]["role"] == "assistant"), None
+    )
     if answer_at is None or answer_at == 0:
         raise BadSampleError(
             "no_question_answer", "needs a question turn followed by an assistant (reference) turn"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,6 +21,20 @@ def vqa_accuracy(prediction: str, references: str | Sequence[str]) -> float:
     pred = normalize_answer(prediction)
     hits = sum(normalize_answer(r) == pred for r in refs)
     return float(hits > 0) if len(refs) == 1 else min(hits / 3.0, 1.0)
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (z = 1.96: 95%) of a rate `successes / n`, as proportions in [0, 1].
+
+    Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0% or 100%."""
+    if n <= 0:
+        raise ValueError(f"an interval needs n >= 1 trials, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in 0..n={n}, got {successes}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def qa_scores(
