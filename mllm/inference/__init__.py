@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from mllm.checkpoint import load_model_and_config
-from mllm.export.merge import merge_lora
+from mllm.export import merge
 from mllm.inference.generate import SamplingConfig, StreamPrinter, generate, generate_batch
 from mllm.inference.images import ImageError, load_image
 from mllm.inference.processor import Conversation, Processor
@@ -27,7 +27,8 @@ def load_pretrained(
     The processor carries the checkpoint's saved config as `processor.config`. `full_precision_base`: a
     QLoRA checkpoint's adapters go on the unquantised base (for merging and export). `merge_adapters`: fold
     LoRA adapters into an unquantised base in memory before answering — the same function, without peft's
-    per-layer detour (faster, the same answers: see docs/measurements.md); ignored for checkpoints without adapters and for 4-bit bases, whose merged weights would be rounded.
+    per-layer detour (faster, the same answers: see docs/measurements.md); ignored for checkpoints without adapters and
+    for 4-bit bases, whose merged weights would be rounded.
     `trust_remote_code` (the user's `--trust-remote-code`) lets the backbone folders' own Python code run; the
     checkpoint's saved config never turns it on.
     `verify_hashes=False` skips checking the weight files against their recorded hashes (`--no-verify`); their
@@ -43,7 +44,7 @@ def load_pretrained(
         verify_hashes=verify_hashes,
     )
     if merge_adapters and model.config.llm.mode == "lora":
-        merge_lora(model)
+        merge.merge_lora(model)
     return model, Processor.from_checkpoint(model, config)
 
 
