@@ -21,10 +21,11 @@ from mllm.config import ConnectorConfig, LLMConfig, LoraSettings, ModelConfig, V
 
 @dataclass
 class TrainConfig:
-    """A training run (stage 1 alignment or stage 2 instruction tuning)."""
+    """A training run (stage 0 Q-Former pretraining, stage 1 alignment or stage 2 instruction tuning)."""
 
     stage: int = 1
-    """1 = align the connector on caption data; 2 = instruction-tune connector + LLM."""
+    """0 = BLIP-2 representation pretraining of a text-aware Q-Former on caption data against the frozen tower
+    alone, no LLM (ITC + ITM + ITG); 1 = align the connector on caption data; 2 = instruction-tune connector + LLM."""
     vision: str = ""
     """Vision tower: HF model id or directory (taken from --init-from when empty in stage 2)."""
     vision_kind: str = "hf"
@@ -122,7 +123,8 @@ class TrainConfig:
     """`auto`: continue from the newest complete checkpoint in --output if any; `latest`: must continue;
     `no`: start over; or a checkpoint directory. `--resume` alone = latest."""
     init_from: str = ""
-    """Stage 2: a stage-1 output directory or checkpoint whose connector starts this run."""
+    """Stage 2: a stage-1 output directory or checkpoint whose connector starts this run; stage 1: a stage-0 one
+    (its pretrained Q-Former; the projection into the LLM starts new)."""
     zero: str = ""
     """DeepSpeed config JSON (zero_configs/z2.json, z3.json, z3_offload.json); empty = built-in ZeRO-2."""
     num_workers: int = 2
@@ -168,7 +170,7 @@ class TrainConfig:
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.split(",") if m]
         checks = [
-            (self.stage in (1, 2), f"stage must be 1 or 2, got {self.stage}"),
+            (self.stage in (0, 1, 2), f"stage must be 0, 1 or 2, got {self.stage}"),
             (
                 self.llm_mode in ("frozen", "full", "lora", "qlora"),
                 f"llm_mode must be frozen|full|lora|qlora, got {self.llm_mode!r}",
@@ -229,8 +231,19 @@ class TrainConfig:
                 "stage 1 trains only the connector: llm_mode must be frozen",
             ),
             (
-                self.stage == 2 or not self.init_from,
-                "init_from is for stage 2 (it loads a stage-1 connector)",
+                self.stage != 0 or not self.init_from,
+                "init_from is for stages 1 (from a stage-0 Q-Former) and 2 (from a stage-1 connector); stage 0 "
+                "starts from a BERT: --qformer-init",
+            ),
+            (
+                self.stage != 0 or (self.connector == "qformer" and self.qformer_text),
+                "stage 0 pretrains the text-aware Q-Former: --connector qformer --qformer-text (and --qformer-init)",
+            ),
+            (
+                self.stage != 0
+                or (self.packing == "off" and self.compile != "on" and not self.instruction_aware),
+                "stage 0 reads one caption per row and has no LLM: --packing off, no --compile on, no "
+                "--instruction-aware",
             ),
         ]
         for ok, message in checks:
@@ -239,9 +252,8 @@ class TrainConfig:
 
     def check_complete(self) -> None:
         """The fields a run cannot start without (checked after --init-from filled what it could)."""
-        missing = [
-            f"--{n.replace('_', '-')}" for n in ("vision", "llm", "data", "output") if not getattr(self, n)
-        ]
+        needed = ("vision", "data", "output") if self.stage == 0 else ("vision", "llm", "data", "output")
+        missing = [f"--{n.replace('_', '-')}" for n in needed if not getattr(self, n)]
         if missing:
             raise ValueError(
                 f"missing {', '.join(missing)} (set them on the command line or in the YAML config)"
@@ -290,6 +302,16 @@ class TrainConfig:
 
 
 STAGE_PRESETS: dict[int, dict[str, Any]] = {
+    # BLIP-2 stage 1 (representation): lr 1e-4, weight decay 0.05, AdamW, cosine; one caption per row.
+    0: dict(
+        llm_mode="frozen",
+        lr=1e-4,
+        weight_decay=0.05,
+        global_batch_size=256,
+        micro_batch_size=32,
+        epochs=1.0,
+        packing="off",
+    ),  # fmt: skip
     # LLaVA-1.5 pretrain: projector only, lr 1e-3, cosine, 3% warm-up, global batch 256.
     1: dict(
         llm_mode="frozen", lr=1e-3, connector_lr=0.0, global_batch_size=256, micro_batch_size=16, epochs=1.0
@@ -382,13 +404,14 @@ def resolve_config(
     cli = dict(vars(args)) if args is not None else {}
     config_file = cli.pop("config", None)
     from_file = load_yaml(config_file) if config_file else {}
-    stage = int(stage or cli.pop("stage", None) or from_file.get("stage") or 1)
+    given = (stage, cli.pop("stage", None), from_file.get("stage"))
+    stage = int(next((s for s in given if s is not None), 1))  # stage 0 is a stage, not "unset"
     if from_file.get("stage") not in (None, stage):
         raise ValueError(
             f"{config_file} is a stage-{from_file['stage']} config but this is a stage-{stage} run"
         )
     if stage not in STAGE_PRESETS:
-        raise ValueError(f"stage must be 1 or 2, got {stage}")
+        raise ValueError(f"stage must be 0, 1 or 2, got {stage}")
     values: dict[str, Any] = dict(STAGE_PRESETS[stage])
     values.update(from_file)
     values.update(cli)
