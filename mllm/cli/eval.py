@@ -1,4 +1,5 @@
-"""`mllm eval CKPT --data FILE_OR_RECIPE`: batched generation over QA or caption data, scores and predictions."""
+"""`mllm eval CKPT --data FILE_OR_RECIPE`: batched generation over QA or caption data, scores and predictions;
+`--task retrieval`: a stage-0 Q-Former's image-text retrieval, zero-shot classification and ITM accuracy."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoint", help="checkpoint directory (or a training output directory: its newest checkpoint)"
     )
     p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL file, or a data recipe YAML")
+    p.add_argument(
+        "--task",
+        choices=["generate", "retrieval"],
+        default="generate",
+        help="generate: answer and score (QA / captions); retrieval: a Q-Former pretraining (stage 0) checkpoint "
+        "over caption data: image-text recall@1/5, zero-shot classification among the distinct captions, ITM accuracy",
+    )
     add_image_root(p)
     p.add_argument("--output", help="directory for predictions.jsonl and scores.json")
     p.add_argument(
@@ -63,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     items = load_eval_items(args.data, limit=args.limit, image_root=args.image_root)
+    if args.task == "retrieval":
+        return run_retrieval(args, items)
     if args.swap_images:
         items = swap_images(items, seed=args.seed)
     metric = detect_metric(items) if args.metric == "auto" else args.metric
@@ -93,4 +103,25 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         preds, score_file = write_results(args.output, prediction_records(items, predictions), scores)
         log.info("wrote %s and %s", preds, score_file)
+    return 0
+
+
+def run_retrieval(args: argparse.Namespace, items) -> int:
+    from mllm.checkpoint import CheckpointError
+    from mllm.eval.retrieval import format_retrieval, retrieval_scores
+    from mllm.eval.runner import write_results
+    from mllm.model.qformer_pretrain import load_qformer_pretrainer
+
+    try:
+        model, config = load_qformer_pretrainer(
+            args.checkpoint, device=args.device, verify_hashes=not args.no_verify
+        )
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    scores = retrieval_scores(model, items, args.batch_size, seed=args.seed, progress=not args.no_progress)
+    scores["run"] = {"checkpoint": config["_path"], "data": args.data, "task": "retrieval", "seed": args.seed}
+    print(format_retrieval(scores))
+    if args.output:
+        _, score_file = write_results(args.output, [], scores)
+        log.info("wrote %s", score_file)
     return 0
