@@ -289,6 +289,7 @@ def train_command(
         cmd += tower_options(pool=1)
         cmd += ["--connector", "qformer", "--qformer-text", "--qformer-init", str(qformer_init)]
         cmd += ["--num-queries", str(s.num_queries), "--weight-decay", "0.05"]
+        cmd += ["--qformer-cross-attention-frequency", "2", "--feature-cache", str(out / "feature_cache")]
     elif stage == 1 and s.qformer_pretrain:
         cmd += ["--init-from", str(out / "stage0")]  # tower and Q-Former as stage 0 trained them
     elif stage == 1:

@@ -68,7 +68,7 @@ class DemoSettings:
     all-MiniLM-L6-v2 (its width and layers, not `connector_width` / `connector_layers`) is first pretrained on the
     stage-1 captions against the tower alone (`mllm train --stage 0`: ITC + ITM + ITG); stage 1 starts from it."""
     stage0: StageSettings = field(
-        default_factory=lambda: StageSettings(steps=150, micro_batch_size=32, lr=5e-4, warmup_ratio=0.1)
+        default_factory=lambda: StageSettings(steps=45, micro_batch_size=16, lr=1e-3, warmup_ratio=0.1)
     )
     """Q-Former pretraining (with `qformer_pretrain`)."""
 

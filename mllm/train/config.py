@@ -70,6 +70,8 @@ class TrainConfig:
     (cross-attention stays random) and tokenizer; e.g. all-MiniLM-L6-v2. Empty = random."""
     qformer_tokenizer: str = ""
     """For a text-aware qformer without --qformer-init: its tokenizer (path or id)."""
+    qformer_cross_attention_frequency: int = 1
+    """For qformer: a cross-attention to the image features every N layers (BLIP-2: 2; halves their cost)."""
     instruction_aware: bool = False
     """For a text-aware qformer (InstructBLIP): the user turn's text enters the Q-Former beside the queries."""
     data: str = ""
@@ -280,6 +282,7 @@ class TrainConfig:
                 qformer_text=self.qformer_text,
                 qformer_init=self.qformer_init,
                 qformer_tokenizer=self.qformer_tokenizer,
+                cross_attention_frequency=self.qformer_cross_attention_frequency,
                 instruction_aware=self.instruction_aware,
             ),
             llm=LLMConfig(
