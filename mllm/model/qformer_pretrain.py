@@ -53,11 +53,11 @@ def single_process_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
 @dataclass
 class PretrainOutput(ModelOutput):  # a ModelOutput so that DeepSpeed's ZeRO-3 hooks can walk it
     loss: torch.Tensor | None = None
-    """ITC + ITM + ITG, each the mean over this micro-batch."""
+    """ITC + ITM + ITG, each the mean over this micro-batch (ITC: over the micro-batches of all processes)."""
     loss_sum: torch.Tensor | None = None
     """`loss` × rows: `mllm train` normalises stage 0 by the samples of the whole accumulated step."""
     parts: dict[str, torch.Tensor] | None = None
-    """Each objective's mean × rows, detached (logged separately)."""
+    """Each objective's mean × rows (their sum is `loss_sum`; logged separately)."""
 
 
 class PretrainHeads(nn.Module):
@@ -148,16 +148,23 @@ class QFormerPretrainer(nn.Module):
         img_all, start = self.gather_rows(img)  # [B_all, K, E]
         txt_all, _ = self.gather_rows(txt)  # [B_all, E]
         keys_all, _ = self.gather_rows(keys)  # [B_all]
-        temp = self.heads.temperature()
-        sim_i2t = torch.einsum("ike,je->ijk", img, txt_all).amax(-1) / temp  # [B, B_all]
-        sim_t2i = torch.einsum("ie,jke->ijk", txt, img_all).amax(-1) / temp  # [B, B_all]
-        positive = keys[:, None] == keys_all[None]  # [B, B_all]
-        itc = (soft_cross_entropy(sim_i2t, positive) + soft_cross_entropy(sim_t2i, positive)) / 2
-        # ITM: positives, and hard negatives drawn from this batch's ITC similarities
-        b = input_ids.shape[0]
-        same = positive[:, start : start + b]  # [B, B]
-        neg_text = hard_negatives(sim_i2t[:, start : start + b], same)  # [B] (-1: none)
-        neg_image = hard_negatives(sim_t2i[:, start : start + b], same)
+        # ITC over every process's rows and columns (as open_clip does): this process's embeddings carry the
+        # gradient of every term they enter, also as another process's negatives, so that the gradients summed
+        # over processes are exactly those of the whole batch on one process
+        sim = (
+            torch.einsum("ike,je->ijk", img_all, txt_all).amax(-1) / self.heads.temperature()
+        )  # [B_all, B_all]
+        positive = keys_all[:, None] == keys_all[None]  # [B_all, B_all]
+        itc = (soft_cross_entropy(sim, positive) + soft_cross_entropy(sim.T, positive)) / 2
+        b, b_all = input_ids.shape[0], keys_all.shape[0]
+        itc_sum = (
+            b_all * itc - (b_all - b) * itc.detach()
+        )  # value: this process's b rows; gradient: all rows'
+        # ITM: positives, and hard negatives drawn from this process's ITC similarities
+        local = slice(start, start + b)
+        same = positive[local, local]  # [B, B]
+        neg_text = hard_negatives(sim[local, local], same)  # [B] (-1: none)
+        neg_image = hard_negatives(sim[local, local].T, same)
         rows = torch.arange(b, device=input_ids.device)
         has_t, has_i = neg_text >= 0, neg_image >= 0
         image_rows = torch.cat([rows, rows[has_t], neg_image[has_i]])
@@ -168,10 +175,9 @@ class QFormerPretrainer(nn.Module):
         # ITG: the caption, token by token, from the queries (multimodal causal mask)
         hidden = self.connector.encode(feats, input_ids, mask, mask="causal")  # [B, K+T, W]
         itg = self.caption_loss(hidden[:, k:-1], input_ids[:, 1:], mask[:, 1:])
-        losses = {"itc": itc, "itm": itm, "itg": itg}
-        loss = itc + itm + itg
-        parts = {name: value.detach() * b for name, value in losses.items()}
-        return PretrainOutput(loss=loss, loss_sum=loss * b, parts=parts)
+        parts = {"itc": itc_sum, "itm": itm * b, "itg": itg * b}
+        loss_sum = itc_sum + parts["itm"] + parts["itg"]
+        return PretrainOutput(loss=loss_sum / b, loss_sum=loss_sum, parts=parts)
 
     def caption_loss(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Text hidden states [B, T-1, W] → mean cross-entropy of the next tokens `targets` where `mask` is 1."""
