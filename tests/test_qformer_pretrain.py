@@ -68,7 +68,7 @@ def test_the_three_losses_are_finite_and_fall(backbones, tiny_bert):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        history.append({k: float(v) / len(CAPTIONS) for k, v in out.parts.items()})
+        history.append({k: float(v.detach()) / len(CAPTIONS) for k, v in out.parts.items()})
     assert all(math.isfinite(v) for h in history for v in h.values())
     assert float(out.loss) == pytest.approx(
         sum(float(v) for v in out.parts.values()) / len(CAPTIONS), rel=1e-5

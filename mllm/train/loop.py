@@ -314,7 +314,7 @@ def train_step(
     for i, batch in enumerate(batches):
         out = engine(**model_inputs(batch, world.device))
         for name, value in (getattr(out, "parts", None) or {}).items():
-            parts[name] = parts.get(name, 0.0) + float(value)
+            parts[name] = parts.get(name, 0.0) + float(value.detach())
         loss = fault.apply(out.loss_sum, step, world.rank) if fault else out.loss_sum
         loss_sum += float(loss.detach())
         if i == len(batches) - 1:  # a non-finite loss on any rank discards the step on every rank
