@@ -107,6 +107,9 @@ def trainable_state_dicts(model) -> dict[str, dict[str, torch.Tensor]]:
     """
     cfg = model.config
     out = {"connector": _cpu(model.connector.state_dict())}
+    heads = getattr(model, "heads", None)  # a stage-0 Q-Former pretrainer's ITC / ITM / LM heads
+    if heads is not None:
+        out["qformer_heads"] = _cpu(heads.state_dict())
     if cfg.vision.trainable == "full":
         out["vision"] = _cpu(model.vision.state_dict())
     if cfg.llm.mode in ("lora", "qlora"):

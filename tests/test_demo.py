@@ -254,3 +254,25 @@ def test_a_phase_ends_with_its_command_even_if_a_grandchild_holds_the_output(tmp
             break
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{grandchild}") or state == "Z"
+
+
+def test_qformer_pretrain_route_runs_stage_0_then_stage_1_from_it(tmp_path):
+    """`mllm demo --connector qformer --qformer-pretrain`: stage 0 pretrains a MiniLM Q-Former on the stage-1
+    captions without an LLM; stage 1 starts from it."""
+    import argparse
+
+    from mllm.train.config import add_config_arguments, resolve_config
+
+    settings = demo_settings("default", "qformer", qformer_pretrain=True)
+    parsed = []
+    for stage in (0, 1):
+        cmd = train_command(stage, settings, "/llm", tmp_path / "data", tmp_path, qformer_init="/minilm")
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        parsed.append(resolve_config(parser.parse_args(cmd[4:])))
+    zero, one = parsed
+    assert zero.stage == 0 and not zero.llm and zero.qformer_text and zero.qformer_init == "/minilm"
+    assert zero.data.endswith("demo_stage1.yaml") and zero.max_steps == settings.stage0.steps
+    assert one.stage == 1 and one.init_from == str(tmp_path / "stage0") and one.llm == "/llm"
+    with pytest.raises(ValueError, match="--connector qformer"):
+        demo_settings("default", "mlp", qformer_pretrain=True)

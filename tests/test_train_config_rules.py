@@ -10,7 +10,7 @@ import pytest
 from mllm.train.config import TrainConfig
 
 BROKEN = [
-    (dict(stage=3), "stage must be 1 or 2, got 3"),
+    (dict(stage=3), "stage must be 0, 1 or 2, got 3"),
     (dict(llm_mode="half"), "llm_mode must be frozen|full|lora|qlora, got 'half'"),
     (dict(schedule="step"), "schedule must be cosine|linear|constant, got 'step'"),
     (dict(dtype="fp16"), "dtype must be auto|bf16|fp32 (fp16 needs loss scaling), got 'fp16'"),
@@ -74,7 +74,30 @@ BROKEN = [
         for change in (dict(lora_r=0), dict(lora_dropout=1.0))
     ],
     (dict(stage=1, llm_mode="lora"), "stage 1 trains only the connector: llm_mode must be frozen"),
-    (dict(stage=1, init_from="stage1-out"), "init_from is for stage 2 (it loads a stage-1 connector)"),
+    (
+        dict(stage=0, connector="qformer", qformer_text=True, packing="off", init_from="stage1-out"),
+        "init_from is for stages 1 (from a stage-0 Q-Former) and 2 (from a stage-1 connector); stage 0 starts "
+        "from a BERT: --qformer-init",
+    ),
+    *[
+        (
+            dict(stage=0, packing="off", **change),
+            "stage 0 pretrains the text-aware Q-Former: --connector qformer --qformer-text (and --qformer-init)",
+        )
+        for change in (dict(connector="mlp"), dict(connector="qformer", qformer_text=False))
+    ],
+    *[
+        (
+            dict(stage=0, connector="qformer", qformer_text=True, **change),
+            "stage 0 reads one caption per row and has no LLM: --packing off, no --compile on, no "
+            "--instruction-aware",
+        )
+        for change in (
+            dict(packing="auto"),
+            dict(packing="off", compile="on"),
+            dict(packing="off", instruction_aware=True),
+        )
+    ],
 ]
 """Each rule's violations (every clause of it on its own) and the exact message the refusal gives."""
 
@@ -101,3 +124,5 @@ def test_every_rule_is_exercised_and_a_valid_config_passes():
         TrainConfig(
             stage=stage, llm_mode="frozen" if stage == 1 else "lora", init_from="" if stage == 1 else "x"
         )
+    TrainConfig(stage=1, init_from="stage0-out")  # stage 1 may start from a stage-0 Q-Former
+    TrainConfig(stage=0, connector="qformer", qformer_text=True, packing="off")

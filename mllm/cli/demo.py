@@ -16,6 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run folder: data/, stage1/, stage2/, eval_{val,test}*/, results.json (validation and test apart)",
     )
     p.add_argument("--connector", choices=["mlp", "qformer", "resampler"], default="mlp")
+    p.add_argument(
+        "--qformer-pretrain",
+        action="store_true",
+        help="with --connector qformer, the BLIP-2 route: a Q-Former from all-MiniLM-L6-v2 pretrained on the captions "
+        "(stage 0: ITC, ITM, ITG; retrieval figures reported), then stages 1 and 2",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--quick",
@@ -39,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     schedule = "quick" if args.quick else "full" if args.full else "default"
     try:
         Demo(
-            args.output, demo_settings(schedule, args.connector), args.backbones, stream=not args.quiet
+            args.output,
+            demo_settings(schedule, args.connector, args.qformer_pretrain),
+            args.backbones,
+            stream=not args.quiet,
         ).run()
     except DemoError as e:
         raise UserError(str(e)) from None

@@ -1,4 +1,5 @@
-"""`mllm eval CKPT --data FILE_OR_RECIPE`: batched generation over QA or caption data, scores and predictions."""
+"""`mllm eval CKPT --data FILE_OR_RECIPE`: batched generation over QA or caption data, scores and predictions;
+`--task retrieval`: a stage-0 Q-Former's image-text retrieval, zero-shot classification and ITM accuracy."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoint", help="checkpoint directory (or a training output directory: its newest checkpoint)"
     )
     p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL file, or a data recipe YAML")
+    p.add_argument(
+        "--task",
+        choices=["generate", "retrieval", "alignment"],
+        default="generate",
+        help="generate: answer and score (QA / captions); retrieval: a Q-Former pretraining (stage 0) checkpoint "
+        "over caption data: image-text recall@1/5, zero-shot classification among the distinct captions, ITM accuracy; "
+        "alignment: the Modality Integration Rate (MIR) of any checkpoint's visual tokens inside its LLM",
+    )
     add_image_root(p)
     p.add_argument("--output", help="directory for predictions.jsonl and scores.json")
     p.add_argument(
@@ -65,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     items = load_eval_items(args.data, limit=args.limit, image_root=args.image_root)
+    if args.task == "retrieval":
+        return run_retrieval(args, items)
     if args.swap_images:
         items = swap_images(items, seed=args.seed)
+    if args.swap_images and args.task != "generate":
+        raise UserError("--swap-images is a control of --task generate")
     metric = detect_metric(items) if args.metric == "auto" else args.metric
     try:
         model, processor = load_pretrained(
@@ -80,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except CheckpointError as e:
         raise UserError(str(e)) from None
+    if args.task == "alignment":
+        return run_alignment(args, model, processor, items)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
     predictions = predict(model, processor, items, sampling, args.batch_size, progress=not args.no_progress)
     scores = score(items, predictions, metric)
@@ -95,4 +110,44 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         preds, score_file = write_results(args.output, prediction_records(items, predictions), scores)
         log.info("wrote %s and %s", preds, score_file)
+    return 0
+
+
+def run_retrieval(args: argparse.Namespace, items) -> int:
+    from mllm.checkpoint import CheckpointError
+    from mllm.eval.retrieval import format_retrieval, retrieval_scores
+    from mllm.eval.runner import write_results
+    from mllm.model.qformer_pretrain import load_qformer_pretrainer
+
+    try:
+        model, config = load_qformer_pretrainer(
+            args.checkpoint, device=args.device, verify_hashes=not args.no_verify
+        )
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    scores = retrieval_scores(model, items, args.batch_size, seed=args.seed, progress=not args.no_progress)
+    scores["run"] = {"checkpoint": config["_path"], "data": args.data, "task": "retrieval", "seed": args.seed}
+    print(format_retrieval(scores))
+    if args.output:
+        _, score_file = write_results(args.output, [], scores)
+        log.info("wrote %s", score_file)
+    return 0
+
+
+def run_alignment(args: argparse.Namespace, model, processor, items) -> int:
+    from mllm.eval.alignment import alignment_scores, format_alignment
+    from mllm.eval.runner import write_results
+
+    if not all(it.images for it in items):
+        raise UserError(f"{args.data}: --task alignment needs an image in every sample")
+    scores = alignment_scores(model, processor, items, args.batch_size, progress=not args.no_progress)
+    scores["run"] = {
+        "checkpoint": processor.config.get("_path", args.checkpoint),
+        "data": args.data,
+        "task": "alignment",
+    }
+    print(format_alignment(scores))
+    if args.output:
+        _, score_file = write_results(args.output, [], scores)
+        log.info("wrote %s", score_file)
     return 0

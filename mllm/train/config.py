@@ -24,10 +24,11 @@ from mllm.config import ConnectorConfig, LLMConfig, LoraSettings, ModelConfig, V
 
 @dataclass
 class TrainConfig:
-    """A training run (stage 1 alignment or stage 2 instruction tuning)."""
+    """A training run (stage 0 Q-Former pretraining, stage 1 alignment or stage 2 instruction tuning)."""
 
     stage: int = 1
-    """1 = align the connector on caption data; 2 = instruction-tune connector + LLM."""
+    """0 = BLIP-2 representation pretraining of a text-aware Q-Former on caption data against the frozen tower
+    alone, no LLM (ITC + ITM + ITG); 1 = align the connector on caption data; 2 = instruction-tune connector + LLM."""
     vision: str = ""
     """Vision tower: HF model id or directory (taken from --init-from when empty in stage 2)."""
     vision_kind: str = "hf"
@@ -72,6 +73,8 @@ class TrainConfig:
     (cross-attention stays random) and tokenizer; e.g. all-MiniLM-L6-v2. Empty = random."""
     qformer_tokenizer: str = ""
     """For a text-aware qformer without --qformer-init: its tokenizer (path or id)."""
+    qformer_cross_attention_frequency: int = 1
+    """For qformer: a cross-attention to the image features every N layers (BLIP-2: 2; halves their cost)."""
     instruction_aware: bool = False
     """For a text-aware qformer (InstructBLIP): the user turn's text enters the Q-Former beside the queries."""
     data: str = ""
@@ -125,7 +128,8 @@ class TrainConfig:
     """`auto`: continue from the newest complete checkpoint in --output if any; `latest`: must continue;
     `no`: start over; or a checkpoint directory. `--resume` alone = latest."""
     init_from: str = ""
-    """Stage 2: a stage-1 output directory or checkpoint whose connector starts this run."""
+    """Stage 2: a stage-1 output directory or checkpoint whose connector starts this run; stage 1: a stage-0 one
+    (its pretrained Q-Former; the projection into the LLM starts new)."""
     zero: str = ""
     """DeepSpeed config JSON (zero_configs/z2.json, z3.json, z3_offload.json); empty = built-in ZeRO-2."""
     num_workers: int = 2
@@ -174,9 +178,8 @@ class TrainConfig:
 
     def check_complete(self) -> None:
         """The fields a run cannot start without (checked after --init-from filled what it could)."""
-        missing = [
-            f"--{n.replace('_', '-')}" for n in ("vision", "llm", "data", "output") if not getattr(self, n)
-        ]
+        needed = ("vision", "data", "output") if self.stage == 0 else ("vision", "llm", "data", "output")
+        missing = [f"--{n.replace('_', '-')}" for n in needed if not getattr(self, n)]
         if missing:
             raise ValueError(
                 f"missing {', '.join(missing)} (set them on the command line or in the YAML config)"
@@ -203,6 +206,7 @@ class TrainConfig:
                 qformer_text=self.qformer_text,
                 qformer_init=self.qformer_init,
                 qformer_tokenizer=self.qformer_tokenizer,
+                cross_attention_frequency=self.qformer_cross_attention_frequency,
                 instruction_aware=self.instruction_aware,
             ),
             llm=LLMConfig(
@@ -233,7 +237,7 @@ class Rule(NamedTuple):
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(lambda c: c.stage in (1, 2), "stage must be 1 or 2, got {stage}"),
+    Rule(lambda c: c.stage in (0, 1, 2), "stage must be 0, 1 or 2, got {stage}"),
     Rule(
         lambda c: c.llm_mode in ("frozen", "full", "lora", "qlora"),
         "llm_mode must be frozen|full|lora|qlora, got {llm_mode!r}",
@@ -295,7 +299,17 @@ RULES: tuple[Rule, ...] = (
         "stage 1 trains only the connector: llm_mode must be frozen",
     ),
     Rule(
-        lambda c: c.stage == 2 or not c.init_from, "init_from is for stage 2 (it loads a stage-1 connector)"
+        lambda c: c.stage != 0 or not c.init_from,
+        "init_from is for stages 1 (from a stage-0 Q-Former) and 2 (from a stage-1 connector); stage 0 starts "
+        "from a BERT: --qformer-init",
+    ),
+    Rule(
+        lambda c: c.stage != 0 or (c.connector == "qformer" and c.qformer_text),
+        "stage 0 pretrains the text-aware Q-Former: --connector qformer --qformer-text (and --qformer-init)",
+    ),
+    Rule(
+        lambda c: c.stage != 0 or (c.packing == "off" and c.compile != "on" and not c.instruction_aware),
+        "stage 0 reads one caption per row and has no LLM: --packing off, no --compile on, no --instruction-aware",
     ),
 )
 """What every `TrainConfig` must satisfy, checked in this order on construction (the first broken rule is the
@@ -310,6 +324,16 @@ def check(cfg: TrainConfig) -> None:
 
 
 STAGE_PRESETS: dict[int, dict[str, Any]] = {
+    # BLIP-2 stage 1 (representation): lr 1e-4, weight decay 0.05, AdamW, cosine; one caption per row.
+    0: dict(
+        llm_mode="frozen",
+        lr=1e-4,
+        weight_decay=0.05,
+        global_batch_size=256,
+        micro_batch_size=32,
+        epochs=1.0,
+        packing="off",
+    ),  # fmt: skip
     # LLaVA-1.5 pretrain: projector only, lr 1e-3, cosine, 3% warm-up, global batch 256.
     1: dict(
         llm_mode="frozen", lr=1e-3, connector_lr=0.0, global_batch_size=256, micro_batch_size=16, epochs=1.0
@@ -399,13 +423,14 @@ def resolve_config(
     cli = dict(vars(args)) if args is not None else {}
     config_file = cli.pop("config", None)
     from_file = load_yaml(config_file) if config_file else {}
-    stage = int(stage or cli.pop("stage", None) or from_file.get("stage") or 1)
+    given = (stage, cli.pop("stage", None), from_file.get("stage"))
+    stage = int(next((s for s in given if s is not None), 1))  # stage 0 is a stage, not "unset"
     if from_file.get("stage") not in (None, stage):
         raise ValueError(
             f"{config_file} is a stage-{from_file['stage']} config but this is a stage-{stage} run"
         )
     if stage not in STAGE_PRESETS:
-        raise ValueError(f"stage must be 1 or 2, got {stage}")
+        raise ValueError(f"stage must be 0, 1 or 2, got {stage}")
     values: dict[str, Any] = dict(STAGE_PRESETS[stage])
     values.update(from_file)
     values.update(cli)

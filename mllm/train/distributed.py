@@ -285,6 +285,29 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows of `local` [R_rank, ...], concatenated in rank order, and where this rank's start.
+
+    Ranks may hold different numbers of rows (a short last micro-batch). The other ranks' rows arrive without
+    gradient; this rank's own rows are `local` itself, so the gradient flows through them (contrastive in-batch
+    negatives: each rank back-propagates through its own side of every pair).
+    """
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return local, 0
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: local.shape[0]] = local.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    rows = [part[:n] for part, n in zip(parts, sizes, strict=True)]
+    rows[rank] = local
+    return torch.cat(rows), sum(sizes[:rank])
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every process if `flag` is true on any of them."""
     return all_reduce_sum([float(flag)], device)[0] > 0

@@ -23,6 +23,7 @@ from mllm.checkpoint import latest_checkpoint, read_config, read_weights, verify
 from mllm.data.collate import round_up
 from mllm.data.recipe import data_fingerprint
 from mllm.model import build_model, load_tokenizer, resolve_runtime
+from mllm.model.qformer_pretrain import build_qformer_pretrainer, caption_tokenizer
 from mllm.model.runtime import training_attention
 from mllm.model.trainability import format_parameter_table, parameter_table
 from mllm.train import checkpointing, nonfinite, preflight
@@ -129,13 +130,19 @@ def setup_model(cfg: TrainConfig, world: dist.World):
     transformers.set_seed(cfg.seed)
     mcfg = run_model_config(cfg)
     runtime = resolve_runtime(mcfg.dtype, mcfg.attn_implementation, str(world.device))
-    model = build_model(mcfg, runtime)
+    if cfg.stage == 0:  # BLIP-2 representation pretraining: tower + Q-Former + its heads, no LLM
+        model = build_qformer_pretrainer(mcfg, runtime)
+        model.gather_rows = dist.all_gather_rows  # ITC's in-batch negatives from every process
+        tokenizer = caption_tokenizer(model.connector)
+    else:
+        model = build_model(mcfg, runtime)
+        tokenizer = load_tokenizer(mcfg)
     log.info("parameters:\n%s", format_parameter_table(parameter_table(model)))
     if cfg.init_from:
         load_stage1_connector(model, cfg.init_from, verify_hashes=not cfg.no_verify)
-    if cfg.grad_checkpointing:
+    if cfg.grad_checkpointing and cfg.stage > 0:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, runtime, load_tokenizer(mcfg)
+    return model, runtime, tokenizer
 
 
 def setup_kernels(cfg: TrainConfig, model, runtime, data: TrainData, ds_raw: dict[str, Any]):
@@ -143,7 +150,8 @@ def setup_kernels(cfg: TrainConfig, model, runtime, data: TrainData, ds_raw: dic
     compiled decoder layers when asked. Needs the data (its lengths); returns the runtime as changed."""
     model.loss_chunk_size = cfg.loss_chunk_size or None
     compiled = use_compile(cfg, runtime, ds_raw)
-    runtime = use_training_attention(model, cfg, runtime, data, compiled)
+    if cfg.stage > 0:
+        runtime = use_training_attention(model, cfg, runtime, data, compiled)
     if compiled:
         compile_decoder_layers(model, data, runtime)
     return runtime
@@ -188,7 +196,7 @@ def setup_engine(
         grad_accum,
         world.size,
         runtime.dtype == torch.bfloat16,
-        model.llm.config.hidden_size,
+        model.width if cfg.stage == 0 else model.llm.config.hidden_size,
     )
     if resume_from is not None and checkpointing.saved_world_size(resume_from) != world.size:
         ds = dist.expect_universal_checkpoint(ds)  # elastic resume: see checkpointing.restore_resharded
@@ -309,7 +317,9 @@ def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path |
     last_saved, stopped_by = None, None
     while state["step"] < s.total_steps and stopped_by is None:
         lr = s.engine.lr_scheduler.get_last_lr()[-1]  # the lr this step uses (the scheduler moves after it)
-        record = train_step(s.engine, s.stream, s.world, s.grad_accum, state["step"] + 1, s.fault)
+        record = train_step(
+            s.engine, s.stream, s.world, s.grad_accum, state["step"] + 1, s.fault, per_sample=cfg.stage == 0
+        )
         state["step"] += 1
         state["samples"] += record["samples"]
         state["tokens"] += record["tokens"]
@@ -325,6 +335,7 @@ def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path |
             s.stream.epoch_progress,
             skipped=record["skipped"],
             skipped_steps=state["skipped_steps"],
+            parts=record["parts"],
         )
         if s.skips.exhausted:  # the same on every rank: stop before anything is saved
             return last_saved, nonfinite.STOPPED
@@ -347,6 +358,7 @@ def train_step(
     grad_accum: int,
     step: int,
     fault: nonfinite.Fault | None = None,
+    per_sample: bool = False,
 ) -> dict[str, Any]:
     """Optimizer step `step` over `grad_accum` micro-batches drawn from `stream` (each a collated batch:
     `input_ids` / `labels` [B, T], pixel values or features of its images, `sample_ids`).
@@ -356,29 +368,34 @@ def train_step(
     (averaging per-batch means would weigh a short sample's tokens more). A non-finite loss on any rank
     discards the step on every rank. Returns the step's loss (per supervised token), samples and tokens (all
     ranks), the sample ids of this rank's micro-batches, and what made the step skip (None: it was applied).
-    `fault` is the test hook of `nonfinite.FAULT_ENV`."""
+    `fault` is the test hook of `nonfinite.FAULT_ENV`. `per_sample`: the model's loss_sum is per sample (stage 0's
+    objectives), not per supervised token; a model's `parts` (stage 0: itc, itm, itg) are normalised alike."""
     batches = [stream.next() for _ in range(grad_accum)]
     counts = [supervised_tokens(b) for b in batches]
     # rows of samples: a skipped bad sample has none, and a blank image row (see BlankImageRow) is no sample
     samples = sum(len(b["sample_lengths"]) for b in batches)
     total_tokens, total_samples = dist.all_reduce_sum([sum(counts), samples], world.device)
+    units = total_samples if per_sample else total_tokens
     # DeepSpeed averages gradients over processes; × world size turns that back into a sum over all tokens.
-    scale = world.size / max(total_tokens, 1.0)
-    loss_sum, discard = 0.0, False
+    scale = world.size / max(units, 1.0)
+    loss_sum, discard, parts = 0.0, False, {}
     # (a micro-batch whose samples were all bad is a blank row alone: a pass that learns nothing)
     for i, batch in enumerate(batches):
         out = engine(**model_inputs(batch, world.device))
+        for name, value in (getattr(out, "parts", None) or {}).items():
+            parts[name] = parts.get(name, 0.0) + float(value.detach())
         loss = fault.apply(out.loss_sum, step, world.rank) if fault else out.loss_sum
         loss_sum += float(loss.detach())
         if i == len(batches) - 1:  # a non-finite loss on any rank discards the step on every rank
             discard = dist.any_rank(not math.isfinite(loss_sum), world.device)
         dist.backward(engine, loss * scale, discard=discard)
         dist.step(engine)
-    global_loss_sum, not_applied = dist.all_reduce_sum(
-        [loss_sum, float(not dist.step_applied(engine))], world.device
+    global_loss_sum, not_applied, *part_sums = dist.all_reduce_sum(
+        [loss_sum, float(not dist.step_applied(engine)), *parts.values()], world.device
     )
     return {
-        "loss": global_loss_sum / max(total_tokens, 1.0),
+        "loss": global_loss_sum / max(units, 1.0),
+        "parts": {name: v / max(units, 1.0) for name, v in zip(parts, part_sums, strict=True)},
         "samples": int(total_samples),
         "tokens": int(total_tokens),
         "sample_ids": [list(b["sample_ids"]) for b in batches],
@@ -393,16 +410,25 @@ def signal_name(signum: int | None) -> str:
 
 # ---- stage 2 from stage 1 ---------------------------------------------------------------------------
 def load_stage1_connector(model, init_from: str, verify_hashes: bool = True) -> None:
-    """Load the connector of the stage-1 checkpoint `init_from` into `model` (hash-checked unless told not to,
-    every tensor finite)."""
-    path = Path(read_config(init_from)["_path"])
+    """Load the connector of the checkpoint `init_from` into `model` (hash-checked unless told not to, every tensor
+    finite): a stage-1 connector whole, or a stage-0 Q-Former, whose projection into the LLM starts new (it had no
+    LLM)."""
+    saved = read_config(init_from)
+    path = Path(saved["_path"])
     if verify_hashes:
         verify(path, hashed=["connector.safetensors"])
     weights = read_weights(path / "connector.safetensors")
+    from_stage0 = saved.get("stage") == 0
     try:
-        model.connector.load_state_dict(weights)
+        missing, unexpected = model.connector.load_state_dict(weights, strict=not from_stage0)
     except RuntimeError as e:
         raise ValueError(
             f"--init-from {path}: its connector does not fit this model ({str(e).splitlines()[1:2]})"
         ) from e
-    log.info("connector initialised from %s", path)
+    not_new = [k for k in missing if not k.startswith("proj.")]
+    if unexpected or not_new:
+        raise ValueError(
+            f"--init-from {path}: its Q-Former does not fit this model (unexpected {unexpected[:3]}, missing "
+            f"{not_new[:3]})"
+        )
+    log.info("connector initialised from %s%s", path, " (stage-0 Q-Former; LLM projection new)" * from_stage0)

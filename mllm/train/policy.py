@@ -60,6 +60,7 @@ def fill_from_init(cfg: TrainConfig) -> TrainConfig:
         connector_width=saved.connector.hidden_size,
         connector_heads=saved.connector.num_heads,
         qformer_text=saved.connector.qformer_text,
+        qformer_cross_attention_frequency=saved.connector.cross_attention_frequency,
         llm=cfg.llm or saved.llm.path,
     )
     return TrainConfig(**values)

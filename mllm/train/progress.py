@@ -54,9 +54,11 @@ class Progress:
         epoch: float,
         skipped: str | None = None,
         skipped_steps: int = 0,
+        parts: dict[str, float] | None = None,
     ) -> dict:
         """Record one step. `skipped`: what made it skip (`loss`, `gradient norm`) or None; `skipped_steps`: how many
-        steps the run has skipped so far."""
+        steps the run has skipped so far; `parts`: the loss's terms by name (stage 0: itc, itm, itg), logged as
+        `loss_<name>`."""
         now = time.perf_counter()
         dt, self.last = max(now - self.last, 1e-9), now
         self.samples += samples
@@ -71,6 +73,7 @@ class Progress:
             "epoch": round(epoch, 4),
             "skipped": skipped,
             "skipped_steps": skipped_steps,
+            **{f"loss_{name}": value for name, value in (parts or {}).items()},
             "rss_mb": round(
                 psutil.Process().memory_info().rss / 2**20, 1
             ),  # this process; watch it for leaks
@@ -79,7 +82,8 @@ class Progress:
             return record
         with open(self.output / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"):
+        terms = [f"loss_{name}" for name in parts or {}]
+        for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", *terms):
             if record[key] is not None:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
         self.bar.update(1)
