@@ -58,5 +58,6 @@ def test_alignment_task_scores_every_layer(connector, tiny_config, tmp_path, cap
     assert len(scores["per_layer"]) == 2  # the tiny llama's decoder layers
     assert all(d > 0 and math.isfinite(d) for d in scores["per_layer"])
     assert scores["mir"] == pytest.approx(math.log10(sum(scores["per_layer"])))
-    assert scores["n_visual"] == 4 * 4 and scores["n_text"] > 0
+    visual_tokens = {"mlp": 16, "qformer": 4}[connector]  # the tiny CLIP's 16 patches; 4 queries
+    assert scores["n_visual"] == 4 * visual_tokens and scores["n_text"] > 0
     assert "Modality Integration Rate" in capsys.readouterr().out

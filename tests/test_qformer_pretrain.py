@@ -104,7 +104,7 @@ from test_qformer_pretrain import _pretrainer, _batch
 from mllm.train.distributed import all_gather_rows
 rank = int(sys.argv[1])
 torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-model = _pretrainer({backbones!r}, {bert!r})
+model = _pretrainer({backbones!r}, {bert!r}).eval()  # no dropout: the same numbers as the one process
 model.gather_rows = all_gather_rows
 batch = _batch(model)
 half = slice(0, 3) if rank == 0 else slice(3, 6)
@@ -128,7 +128,7 @@ def test_itc_gathers_negatives_across_two_processes(backbones, tiny_bert):
     ]
     results = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    model = _pretrainer(backbones, tiny_bert)
+    model = _pretrainer(backbones, tiny_bert).eval()
     out = model(**_batch(model))
     (out.parts["itc"] / 6).backward()
     whole = model.heads.vision_proj.weight.grad.flatten()[:8]
