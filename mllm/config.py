@@ -51,6 +51,9 @@ class ConnectorConfig:
     """`mlp` (LLaVA projector), `qformer` (BLIP-2) or `resampler` (perceiver)."""
     projector: str = "mlp2x_gelu"
     """For `mlp`: `linear` or `mlp{N}x_gelu` (N linear layers with GELU between)."""
+    pixel_shuffle: int = 1
+    """For `mlp`: merge each s×s block of neighbouring patches into one token of s² times the width before
+    projecting (Idefics3 / nanoVLM): s² fewer visual tokens per image. 1 = off; s must divide the patch grid's side."""
     num_queries: int = 32
     """For `qformer` / `resampler`: number of learned queries = visual tokens per image."""
     num_layers: int = 2
@@ -84,6 +87,13 @@ class ConnectorConfig:
             self.projector == "linear" or re.fullmatch(r"mlp(\d+)x_gelu", self.projector)
         ):
             raise ValueError(f"connector.projector must be 'linear' or 'mlpNx_gelu', got {self.projector!r}")
+        if self.pixel_shuffle < 1:
+            raise ValueError(f"connector.pixel_shuffle must be >= 1 (1 = off), got {self.pixel_shuffle}")
+        if self.pixel_shuffle > 1 and self.kind != "mlp":
+            raise ValueError(
+                f"connector.pixel_shuffle is a setting of the mlp connector; {self.kind!r} already sets its token "
+                "count with num_queries"
+            )
         if self.num_queries < 1 or self.num_layers < 1:
             raise ValueError("connector.num_queries and connector.num_layers must be >= 1")
         if self.instruction_aware and not (self.kind == "qformer" and self.qformer_text):

@@ -2,6 +2,8 @@
 
 Layers are named `linear_1 … linear_N` (the transformers LLaVA names), so a
 2-layer projector exports to `LlavaForConditionalGeneration` unchanged.
+With `pixel_shuffle` s > 1, each s×s block of patches is first merged into one
+token of s² times the width (`mllm.connectors.pixel_shuffle`): s² fewer tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from mllm.config import ConnectorConfig
+from mllm.connectors.pixel_shuffle import pixel_shuffle, shuffled_grid
 
 
 class MLPProjector(nn.Module):
@@ -21,14 +24,18 @@ class MLPProjector(nn.Module):
             1 if cfg.projector == "linear" else int(re.fullmatch(r"mlp(\d+)x_gelu", cfg.projector).group(1))
         )
         self.depth = depth
-        self.num_tokens = vision_tokens
-        self.linear_1 = nn.Linear(vision_dim, llm_dim)
+        self.shuffle = cfg.pixel_shuffle
+        self.num_tokens = (
+            shuffled_grid(vision_tokens, self.shuffle) ** 2 if self.shuffle > 1 else vision_tokens
+        )
+        self.linear_1 = nn.Linear(vision_dim * self.shuffle**2, llm_dim)
         self.act = nn.GELU()
         for i in range(2, depth + 1):
             self.add_module(f"linear_{i}", nn.Linear(llm_dim, llm_dim))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, N, Dv] → [B, N, Dl]
-        x = self.linear_1(features)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, N, Dv] → [B, N/s², Dl]
+        x = pixel_shuffle(features, self.shuffle)  # [B, N/s², s²·Dv]
+        x = self.linear_1(x)  # [B, N/s², Dl]
         for i in range(2, self.depth + 1):
             x = getattr(self, f"linear_{i}")(self.act(x))
         return x

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = (
     "vision kind 'hf' (a transformers vision model; at most one CLS prefix token, no registers), vision.pool 1; "
-    "connector 'mlp' with projector 'mlp2x_gelu'; llm mode frozen, full, lora or qlora (adapters merged); "
+    "connector 'mlp' with projector 'mlp2x_gelu' and pixel_shuffle 1; llm mode frozen, full, lora or qlora (adapters merged); "
     "an LLM without final-logit soft-capping; template 'auto' or any template with a Jinja form"
 )
 
@@ -48,6 +48,11 @@ def config_problems(cfg: ModelConfig) -> list[str]:
         what = cfg.connector.kind if cfg.connector.kind != "mlp" else f"mlp/{cfg.connector.projector}"
         reasons.append(
             f"connector {what}: LlavaMultiModalProjector is exactly linear_1 → GELU → linear_2 (mlp2x_gelu)"
+        )
+    if cfg.connector.pixel_shuffle != 1:
+        reasons.append(
+            f"connector.pixel_shuffle is {cfg.connector.pixel_shuffle}; LLaVA projects every patch token on its own "
+            "(no space-to-depth merge)"
         )
     return reasons
 

@@ -54,6 +54,9 @@ class TrainConfig:
     """Connector kind from the `mllm.connectors` registry: mlp, qformer, resampler."""
     projector: str = "mlp2x_gelu"
     """For the mlp connector: `linear` or `mlpNx_gelu`."""
+    pixel_shuffle: int = 1
+    """For the mlp connector: merge s×s neighbouring patches into one token of s² width before projecting (s² fewer
+    visual tokens; Idefics3 / nanoVLM). 1 = off; s must divide the tower's patch grid side."""
     num_queries: int = 32
     """For qformer / resampler: learned queries = visual tokens per image."""
     connector_layers: int = 2
@@ -261,6 +264,7 @@ class TrainConfig:
             connector=ConnectorConfig(
                 kind=self.connector,
                 projector=self.projector,
+                pixel_shuffle=self.pixel_shuffle,
                 num_queries=self.num_queries,
                 num_layers=self.connector_layers,
                 hidden_size=self.connector_width,

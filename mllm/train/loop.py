@@ -352,6 +352,7 @@ def fill_from_init(cfg: TrainConfig) -> TrainConfig:
         vision_pool=saved.vision.pool,
         connector=saved.connector.kind,
         projector=saved.connector.projector,
+        pixel_shuffle=saved.connector.pixel_shuffle,
         num_queries=saved.connector.num_queries,
         connector_layers=saved.connector.num_layers,
         connector_width=saved.connector.hidden_size,
