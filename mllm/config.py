@@ -35,12 +35,38 @@ class VisionConfig:
     pool: int = 1
     """Average-pool the patch grid by this factor per side (1 = keep every patch)."""
     trainable: Literal["frozen", "full"] = "frozen"
+    image_aspect: Literal["square", "pad", "anyres"] = "square"
+    """How an image meets the tower's square input (`mllm.data.layout`): `square` (the tower's processor squashes
+    or crops it), `pad` (padded to a square first) or `anyres` (LLaVA-NeXT tiles + thumbnail; mlp connector)."""
+    grid_pinpoints: list[list[int]] = field(default_factory=list)
+    """`anyres`: grid resolutions (height, width) in pixels, multiples of the tower's input size; empty = every grid
+    of at most `max_tiles` tiles."""
+    max_tiles: int = 4
+    """`anyres` without `grid_pinpoints`: the most tiles an image is cut into (besides its thumbnail)."""
+    min_pixels: int = 0
+    """Images with fewer pixels are upscaled to this many (aspect ratio kept); 0 = off."""
+    max_pixels: int = 0
+    """Images with more pixels are downscaled to this many (aspect ratio kept); 0 = off."""
+    max_image_tokens: int = 0
+    """Visual tokens one sample's images may take in all; a sample needing more is refused by id. 0 = no limit."""
 
     def __post_init__(self):
         if self.trainable not in ("frozen", "full"):
             raise ValueError(f"vision.trainable must be frozen|full, got {self.trainable!r}")
         if self.pool < 1:
             raise ValueError(f"vision.pool must be >= 1, got {self.pool}")
+        if self.image_aspect not in ("square", "pad", "anyres"):
+            raise ValueError(f"vision.image_aspect must be square|pad|anyres, got {self.image_aspect!r}")
+        if self.max_tiles < 1:
+            raise ValueError(f"vision.max_tiles must be >= 1, got {self.max_tiles}")
+        if min(self.min_pixels, self.max_pixels, self.max_image_tokens) < 0:
+            raise ValueError("vision.min_pixels, max_pixels and max_image_tokens must be >= 0 (0 = off)")
+        if self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"vision.min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+        if any(len(p) != 2 or min(p) < 1 for p in self.grid_pinpoints):
+            raise ValueError(
+                f"vision.grid_pinpoints must be [height, width] pairs, got {self.grid_pinpoints}"
+            )
 
 
 @dataclass

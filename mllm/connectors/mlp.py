@@ -18,7 +18,17 @@ from mllm.connectors.pixel_shuffle import pixel_shuffle, shuffled_grid
 
 
 class MLPProjector(nn.Module):
-    def __init__(self, cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, llm_dim: int):
+    keeps_grid = True
+    """Its tokens are the tile's patches in grid order (so `anyres` can lay tiles out and unpad them)."""
+
+    def __init__(
+        self,
+        cfg: ConnectorConfig,
+        vision_dim: int,
+        vision_tokens: int,
+        llm_dim: int,
+        image_newline: bool = False,
+    ):
         super().__init__()
         depth = (
             1 if cfg.projector == "linear" else int(re.fullmatch(r"mlp(\d+)x_gelu", cfg.projector).group(1))
@@ -32,6 +42,10 @@ class MLPProjector(nn.Module):
         self.act = nn.GELU()
         for i in range(2, depth + 1):
             self.add_module(f"linear_{i}", nn.Linear(llm_dim, llm_dim))
+        if (
+            image_newline
+        ):  # LLaVA-NeXT's row separator for `anyres` (its initialisation: normal, std 1/sqrt(D))
+            self.image_newline = nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, N, Dv] → [B, N/s², Dl]
         x = pixel_shuffle(features, self.shuffle)  # [B, N/s², s²·Dv]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mllm.data.dataset import open_reader, recipe_tasks
+from mllm.data.dataset import as_layout, open_reader, recipe_tasks
 from mllm.data.encode import ConversationEncoder
 from mllm.data.errors import BadSampleError
 from mllm.data.images import open_image
@@ -39,7 +39,8 @@ class SourceReport:
 @dataclass
 class CheckReport:
     recipe: str
-    image_tokens: int
+    image_tokens: str
+    """How images become tokens: one count per image, or the layout's aspect and per-tile count."""
     max_length: int | None
     sources: list[SourceReport]
     lengths: np.ndarray
@@ -141,8 +142,14 @@ def check_recipe(
         else:
             r.text_only += 1
     bad = [res.bad[k] for k in sorted(res.bad)]
+    layout = as_layout(image_tokens)
+    described = (
+        str(layout.tile_tokens)
+        if not layout.varies
+        else f"{layout.aspect}, {layout.tile_tokens} per tile, exact per image from its size"
+    )
     return CheckReport(
-        recipe.name, image_tokens, recipe.max_length, reports, res.length[good], res.full_length[good], bad
+        recipe.name, described, recipe.max_length, reports, res.length[good], res.full_length[good], bad
     )
 
 
@@ -156,7 +163,8 @@ def _stream_scan(recipe: Recipe, tokenizer, image_tokens: int, progress: bool) -
     """The webdataset counterpart of `scan`: shards read in order, one process."""
     if any(source_format(spec) != "webdataset" for spec in recipe.sources):
         raise ValueError(f"recipe {recipe.name!r}: webdataset sources cannot be mixed with other formats")
-    encoder = ConversationEncoder(tokenizer, recipe.template, image_tokens, recipe.max_length)
+    layout = as_layout(image_tokens)
+    encoder = ConversationEncoder(tokenizer, recipe.template, layout.tile_tokens, recipe.max_length)
     rows, bad = [], {}
     bar = tqdm(desc=f"checking {recipe.name}", unit="sample", disable=not progress, leave=False)
     for si, spec in enumerate(recipe.sources):
@@ -167,9 +175,10 @@ def _stream_scan(recipe: Recipe, tokenizer, image_tokens: int, progress: bool) -
                     if recipe.system_prompt and not any(m["role"] == "system" for m in sample.messages):
                         sample.messages.insert(0, {"role": "system", "content": recipe.system_prompt})
                     validate(sample)
-                    enc = encoder.encode_full(sample.messages)
-                    for ref in sample.images:
-                        open_image(ref, spec.image_root or recipe.image_root, recipe.max_image_pixels)
+                    root = spec.image_root or recipe.image_root
+                    images = [open_image(ref, root, recipe.max_image_pixels) for ref in sample.images]
+                    counts = layout.token_counts([im.size for im in images])
+                    enc = encoder.encode_full(sample.messages, image_tokens=counts)
                     rows.append((si, n, len(enc.input_ids), enc.full_length, enc.num_images > 0))
                 except BadSampleError as e:
                     bad[len(rows)] = e.located(source=spec.name, index=n, line=None, sample_id=key).record()

@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 
 from mllm.data.encode import ConversationEncoder, Encoded
 from mllm.data.errors import BadSampleError
-from mllm.data.images import open_image
+from mllm.data.images import image_size, open_image
+from mllm.data.layout import ImageLayout
 from mllm.data.recipe import Recipe
 from mllm.data.sample import Sample, validate
 from mllm.data.sources import Source
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when tokenisation or validation changes, so old length caches are not reused."""
 PARALLEL_MIN = 20_000
 """Below this many samples a scan runs in-process: starting workers costs more than it saves."""
@@ -32,10 +33,18 @@ CHUNK = 512
 class SampleReader:
     """Everything needed to turn (source, record index) into a validated, encoded sample and its images."""
 
-    def __init__(self, recipe: Recipe, sources: list[Source], encoder: ConversationEncoder):
+    def __init__(
+        self,
+        recipe: Recipe,
+        sources: list[Source],
+        encoder: ConversationEncoder,
+        layout: ImageLayout | None = None,
+    ):
         self.recipe = recipe
         self.sources = sources
         self.encoder = encoder
+        self.layout = layout or ImageLayout.fixed(encoder.image_tokens)
+        """How each image becomes visual tokens; when counts depend on the image, its header is read (no decoding)."""
 
     def sample(self, si: int, idx: int) -> Sample:
         """The validated, normalised sample (system prompt applied) at record `idx` of source `si`."""
@@ -47,15 +56,34 @@ class SampleReader:
 
     def encode(self, si: int, idx: int) -> tuple[Sample, Encoded]:
         sample = self.sample(si, idx)
-        return sample, self.encoder.encode_full(sample.messages)
+        return sample, self.encoder.encode_full(sample.messages, image_tokens=self.image_tokens(sample, si))
+
+    def image_tokens(self, sample: Sample, si: int) -> list[int]:
+        """Each image's visual-token count, from its header alone (the budgets applied; BadSampleError past them)."""
+        if not self.layout.varies:
+            return self.layout.token_counts([(1, 1)] * len(sample.images))
+        root = self.image_root(si)
+        return self.layout.token_counts(
+            [image_size(ref, root, self.recipe.max_image_pixels) for ref in sample.images]
+        )
 
     def image_root(self, si: int) -> str | None:
         """Where source `si`'s relative image paths start: its own image_root, else the recipe's."""
         return self.sources[si].spec.image_root or self.recipe.image_root
 
-    def load_images(self, sample: Sample, n: int, si: int):
+    def load_images(self, sample: Sample, si: int, expected: list[int] | None = None):
+        """The sample's images, decoded (RGB, upright), checked against the image budgets and, given `expected`,
+        against the token counts their headers gave (`Encoded.image_tokens`)."""
         root = self.image_root(si)
-        return [open_image(ref, root, self.recipe.max_image_pixels) for ref in sample.images[:n]]
+        images = [open_image(ref, root, self.recipe.max_image_pixels) for ref in sample.images]
+        counts = self.layout.token_counts([im.size for im in images])
+        if expected is not None and counts != expected:
+            raise BadSampleError(
+                "image_size_mismatch",
+                f"decoded, its images need {counts} visual tokens but their headers said {expected} "
+                f"(sizes {[im.size for im in images]}); was an image replaced during the run?",
+            )
+        return images
 
     def locate(self, e: BadSampleError, si: int, idx: int) -> BadSampleError:
         src = self.sources[si]
@@ -78,8 +106,8 @@ class ScanResult:
 def _scan_one(reader: SampleReader, si: int, idx: int, check_images: bool):
     try:
         sample, enc = reader.encode(si, idx)
-        if check_images:  # every referenced image, including any truncation dropped
-            reader.load_images(sample, len(sample.images), si)
+        if check_images:  # every referenced image, decoded
+            reader.load_images(sample, si)
         return len(enc.input_ids), enc.full_length, enc.num_images > 0, None
     except BadSampleError as e:
         return -1, 0, False, reader.locate(e, si, idx).record()
@@ -154,6 +182,7 @@ def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     h.update(
         json.dumps([CACHE_VERSION, r.template, r.max_length, r.system_prompt, enc.image_tokens]).encode()
     )
+    h.update(repr(reader.layout).encode())  # image counts follow the layout and its budgets
     h.update(json.dumps([tok.chat_template, tok.bos_token, tok.eos_token]).encode())
     h.update(tok.backend_tokenizer.to_str().encode())
     for src in reader.sources:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mllm.data.dataset import Preprocess
+from mllm.data.dataset import Preprocess, as_layout, image_inputs
 from mllm.data.encode import ConversationEncoder
 from mllm.data.errors import BadSampleError
 from mllm.data.images import open_image
@@ -38,9 +38,11 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        layout=None,
     ):
         self.recipe = recipe
         self.encoder = encoder
+        self.layout = layout or as_layout(encoder.image_tokens)
         self.preprocess = preprocess
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
@@ -73,11 +75,11 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             if self.recipe.system_prompt and not any(m["role"] == "system" for m in sample.messages):
                 sample.messages.insert(0, {"role": "system", "content": self.recipe.system_prompt})
             validate(sample)
-            enc = self.encoder.encode_full(sample.messages)
             images = [
-                open_image(r, self.recipe.image_root, self.recipe.max_image_pixels)
-                for r in sample.images[: enc.num_images]
+                open_image(r, self.recipe.image_root, self.recipe.max_image_pixels) for r in sample.images
             ]
+            counts = self.layout.token_counts([im.size for im in images])
+            enc = self.encoder.encode_full(sample.messages, image_tokens=counts)
         except BadSampleError as e:
             err = e.located(source=f"{name}:{path}", index=n, line=None, sample_id=key)
             if self.recipe.on_bad_sample == "error":
@@ -88,15 +90,12 @@ class StreamingDataset(torch.utils.data.IterableDataset):
                 with open(self.skip_log, "a", encoding="utf-8") as f:
                     f.write(json.dumps(err.record()) + "\n")
             return None
-        pixels = (
-            self.preprocess(images).float()
-            if self.preprocess is not None and images
-            else torch.zeros((0, 3, 0, 0))
-        )
+        pixels, sizes = image_inputs(self.layout, images, self.preprocess, (3, 0, 0))
         return {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),
             "pixel_values": pixels,
+            "image_sizes": sizes,
             "instruction": instruction_text(sample.messages),  # read only by an instruction-aware Q-Former
             "id": sample.id,
             "source": name,
@@ -110,7 +109,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
 def build_streaming_dataset(
     recipe: Recipe,
     tokenizer,
-    image_tokens: int,
+    image_tokens,
     preprocess: Preprocess | None,
     seed: int = 0,
     rank: int = 0,
@@ -122,5 +121,8 @@ def build_streaming_dataset(
             raise ValueError(
                 f"source {spec.name!r} is not webdataset shards; use build_dataset for this recipe"
             )
-    encoder = ConversationEncoder(tokenizer, recipe.template, image_tokens, recipe.max_length)
-    return StreamingDataset(recipe, encoder, preprocess, seed=seed, rank=rank, world_size=world_size)
+    layout = as_layout(image_tokens)  # the model's ImageLayout, or one token count per image
+    encoder = ConversationEncoder(tokenizer, recipe.template, layout.tile_tokens, recipe.max_length)
+    return StreamingDataset(
+        recipe, encoder, preprocess, seed=seed, rank=rank, world_size=world_size, layout=layout
+    )

@@ -35,6 +35,20 @@ class TrainConfig:
     """Average-pool the patch grid by this factor per side (fewer visual tokens)."""
     train_vision: bool = False
     """Also train the vision tower (frozen unless asked)."""
+    image_aspect: Literal["square", "pad", "anyres"] = "square"
+    """How images meet the tower's square input: square (squashed/cropped by its processor), pad (to a square
+    first) or anyres (LLaVA-NeXT tiles + thumbnail, mlp connector). See docs/images.md."""
+    grid_pinpoints: str = ""
+    """anyres: grid resolutions as HEIGHTxWIDTH pixels, comma-separated (e.g. 672x336,336x672,672x672); empty =
+    every grid of at most --max-tiles tiles."""
+    max_tiles: int = 4
+    """anyres without --grid-pinpoints: the most tiles an image is cut into (plus its thumbnail)."""
+    min_pixels: int = 0
+    """Images with fewer pixels are upscaled to this many (aspect kept); 0 = off."""
+    max_pixels: int = 0
+    """Images with more pixels are downscaled to this many (aspect kept); 0 = off."""
+    max_image_tokens: int = 0
+    """A sample whose images need more visual tokens is skipped and reported by id; 0 = no limit."""
     llm: str = ""
     """Causal LM: HF model id or directory (taken from --init-from when empty in stage 2)."""
     trust_remote_code: bool = False
@@ -213,6 +227,12 @@ class TrainConfig:
             ),
             (self.max_tokens >= 0, "max_tokens must be >= 0 (0 = no token budget)"),
             (
+                not self.feature_cache
+                or (self.image_aspect == "square" and not (self.min_pixels or self.max_pixels)),
+                "--feature-cache stores one tower output per image file; with --image-aspect pad/anyres or a "
+                "pixel budget the tower sees other pixels: drop --feature-cache",
+            ),
+            (
                 self.grad_accum >= 0 and self.global_batch_size >= 1,
                 "grad_accum must be >= 0 and global_batch_size >= 1",
             ),
@@ -260,6 +280,12 @@ class TrainConfig:
                 feature_layer=self.vision_feature_layer,
                 pool=self.vision_pool,
                 trainable="full" if self.train_vision else "frozen",
+                image_aspect=self.image_aspect,
+                grid_pinpoints=parse_pinpoints(self.grid_pinpoints),
+                max_tiles=self.max_tiles,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+                max_image_tokens=self.max_image_tokens,
             ),
             connector=ConnectorConfig(
                 kind=self.connector,
@@ -291,6 +317,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_pinpoints(text: str) -> list[list[int]]:
+    """`672x336,336x672` → [[672, 336], [336, 672]] ((height, width) pairs); empty → []."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        h, sep, w = part.lower().partition("x")
+        if not (sep and h.isdigit() and w.isdigit()):
+            raise ValueError(f"grid_pinpoints: {part!r} is not HEIGHTxWIDTH (e.g. 672x336)")
+        pairs.append([int(h), int(w)])
+    return pairs
 
 
 STAGE_PRESETS: dict[int, dict[str, Any]] = {
