@@ -42,9 +42,7 @@ class MLPProjector(nn.Module):
         self.act = nn.GELU()
         for i in range(2, depth + 1):
             self.add_module(f"linear_{i}", nn.Linear(llm_dim, llm_dim))
-        if (
-            image_newline
-        ):  # LLaVA-NeXT's row separator for `anyres` (its initialisation: normal, std 1/sqrt(D))
+        if image_newline:  # LLaVA-NeXT's row separator for `anyres` (initialised normal, std 1/sqrt(D))
             self.image_newline = nn.Parameter(torch.randn(llm_dim) / llm_dim**0.5)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, N, Dv] → [B, N/s², Dl]

@@ -104,7 +104,7 @@ def processor_chat_template(template_jinja: str, system_prompt: str | None = Non
     return normalise + template_jinja
 
 
-def _add_image_token(tokenizer, llm) -> int:
+def add_image_token(tokenizer, llm) -> int:
     """Give "<image>" a token id, growing the embeddings by a zero row when the vocabulary is full."""
     tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
@@ -132,7 +132,7 @@ def build_llava(model, tokenizer) -> tuple[LlavaForConditionalGeneration, int]:
     if model.config.llm.mode == "lora":
         merge_lora(model)
     llm = model.llm
-    image_id = _add_image_token(tokenizer, llm)
+    image_id = add_image_token(tokenizer, llm)
     vision_config = model.vision.model.config
     if type(AutoModel.from_config(vision_config)) is not type(model.vision.model):
         raise ExportError(
