@@ -59,7 +59,7 @@ def train(arm: str, args, data: Path, out: Path) -> None:
     cmd += ["--vision-kind", "efficientnet-lite0", "--vision-pool", str(args.pool), *ARMS[arm]]
     cmd += ["--llm", llm, "--data", str(data / "resolution_train.yaml"), "--template", "chatml"]
     cmd += ["--output", str(out / arm), "--max-steps", str(args.steps), "--micro-batch-size", str(args.batch)]
-    cmd += ["--lr", str(args.lr), "--warmup-ratio", "0.03", "--seed", str(args.seed)]
+    cmd += ["--grad-accum", "1", "--lr", str(args.lr), "--warmup-ratio", "0.03", "--seed", str(args.seed)]
     cmd += ["--save-every", "0", "--resume", "no", "--num-workers", "1"]
     run(cmd, out / f"{arm}.train.log")
 
