@@ -370,3 +370,24 @@ def test_anyres_trains_both_stages_and_reports_refused_samples(backbones, tmp_pa
     assert session2.model.image_layout.aspect == "anyres", "stage 2 keeps stage 1's layout (and its newline)"
     summary2 = fit(session2)
     assert summary2["skipped_samples"] == 3 and summary2["step"] == 2
+
+
+def test_data_check_and_show_cli_with_anyres(tmp_path, capsys):
+    from mllm.backbones.tokenizers import make_tokenizer
+    from mllm.cli import main
+
+    data = write_data(tmp_path)
+    make_tokenizer("qwen2").save_pretrained(tmp_path / "tok")
+    common = ["--tokenizer", str(tmp_path / "tok"), "--image-root", str(tmp_path), "--template", "chatml"]
+    common += ["--image-aspect", "anyres", "--tile-size", "32", "--image-tokens", "16", "--max-length", "200"]
+    out = tmp_path / "bad.jsonl"
+    assert main(["data", "check", data, *common, "--no-progress", "--bad-samples", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "3 bad" in text and "images_do_not_fit" in text and "anyres, 16 per tile" in text
+    assert {json.loads(x)["id"] for x in out.read_text().splitlines()} == {"long", "strip", "mismatch"}
+    assert main(["data", "show", data, *common, "--n", "1"]) == 0
+    layout = anyres()
+    wide, tall = layout.num_tokens((64, 32)), layout.num_tokens((32, 64))
+    shown = capsys.readouterr().out
+    assert f"2 image(s) of [{wide}, {tall}] visual tokens" in shown
+    assert f"<image×{wide}>" in shown and f"<image×{tall}>" in shown
