@@ -327,3 +327,67 @@ def test_eval_answers_multi_image_samples_and_names_one_over_the_budget(anyres_c
     assert main(["eval", anyres_ckpt, "--data", data, "--output", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert "sample two" in last and "image_token_budget" in last
+
+
+# ---- training: both stages on several images of different sizes; refused samples reported by id ------------
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_process_group")
+def test_anyres_trains_both_stages_and_reports_refused_samples(backbones, tmp_path):
+    import yaml
+
+    from mllm.checkpoint import latest_checkpoint, read_config
+    from mllm.train.config import resolve_config
+    from mllm.train.loop import fit, setup
+
+    data = write_data(tmp_path / "data")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "multi", "image_root": str(tmp_path / "data"), "max_length": 240, "on_bad_sample": "skip",
+        "cache_dir": "none", "sources": [{"path": data}],
+    }))  # fmt: skip
+    base = dict(vision=backbones["clip"], llm=backbones["llama"], data=str(recipe), dtype="fp32")
+    base |= dict(micro_batch_size=2, grad_accum=1, num_workers=0, save_every=0, warmup_ratio=0.0, max_steps=2)
+    s1 = resolve_config(stage=1, output=str(tmp_path / "s1"), template="chatml", image_aspect="anyres",
+                        max_tiles=4, **base)  # fmt: skip
+    session = setup(s1)
+    newline = session.model.connector.image_newline.detach().clone()
+    summary = fit(session)
+    assert not torch.equal(newline, session.model.connector.image_newline.detach()), "image_newline trains"
+    assert summary["skipped_samples"] == 3
+    skipped = [
+        json.loads(line) for line in (tmp_path / "s1" / "skipped_samples.jsonl").read_text().splitlines()
+    ]
+    assert {r["id"]: r["kind"] for r in skipped} == {
+        "long": "images_do_not_fit",
+        "strip": "extreme_aspect_ratio",
+        "mismatch": "image_count_mismatch",
+    }
+    ckpt = latest_checkpoint(tmp_path / "s1")
+    assert read_config(ckpt)["model"]["vision"]["image_aspect"] == "anyres"
+    s2 = resolve_config(stage=2, output=str(tmp_path / "s2"), init_from=str(ckpt), llm_mode="full",
+                        template="chatml", **{k: v for k, v in base.items() if k not in ("vision", "llm")})  # fmt: skip
+    session2 = setup(s2)
+    assert session2.model.image_layout.aspect == "anyres", "stage 2 keeps stage 1's layout (and its newline)"
+    summary2 = fit(session2)
+    assert summary2["skipped_samples"] == 3 and summary2["step"] == 2
+
+
+def test_data_check_and_show_cli_with_anyres(tmp_path, capsys):
+    from mllm.backbones.tokenizers import make_tokenizer
+    from mllm.cli import main
+
+    data = write_data(tmp_path)
+    make_tokenizer("qwen2").save_pretrained(tmp_path / "tok")
+    common = ["--tokenizer", str(tmp_path / "tok"), "--image-root", str(tmp_path), "--template", "chatml"]
+    common += ["--image-aspect", "anyres", "--tile-size", "32", "--image-tokens", "16", "--max-length", "200"]
+    out = tmp_path / "bad.jsonl"
+    assert main(["data", "check", data, *common, "--no-progress", "--bad-samples", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "3 bad" in text and "images_do_not_fit" in text and "anyres, 16 per tile" in text
+    assert {json.loads(x)["id"] for x in out.read_text().splitlines()} == {"long", "strip", "mismatch"}
+    assert main(["data", "show", data, *common, "--n", "1"]) == 0
+    layout = anyres()
+    wide, tall = layout.num_tokens((64, 32)), layout.num_tokens((32, 64))
+    shown = capsys.readouterr().out
+    assert f"2 image(s) of [{wide}, {tall}] visual tokens" in shown
+    assert f"<image×{wide}>" in shown and f"<image×{tall}>" in shown

@@ -17,6 +17,7 @@ from mllm.data.dataset import as_layout, open_reader, recipe_tasks
 from mllm.data.encode import ConversationEncoder
 from mllm.data.errors import BadSampleError
 from mllm.data.images import open_image
+from mllm.data.layout import ImageLayout
 from mllm.data.recipe import Recipe
 from mllm.data.sample import validate
 from mllm.data.scan import ScanResult, scan
@@ -107,7 +108,7 @@ class CheckReport:
 def check_recipe(
     recipe: Recipe,
     tokenizer,
-    image_tokens: int,
+    image_tokens: int | ImageLayout,
     *,
     seed: int = 0,
     workers: int | None = None,

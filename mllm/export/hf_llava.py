@@ -44,6 +44,12 @@ def config_problems(cfg: ModelConfig) -> list[str]:
         reasons.append(
             f"vision.pool is {cfg.vision.pool}; LLaVA feeds every patch token to the projector (pool must be 1)"
         )
+    v = cfg.vision
+    if v.image_aspect != "square" or v.min_pixels or v.max_pixels:
+        reasons.append(
+            f"vision.image_aspect {v.image_aspect} / min_pixels {v.min_pixels} / max_pixels {v.max_pixels}: "
+            "LlavaProcessor feeds each image squashed to the tower's square (image_aspect square, no pixel budget)"
+        )
     if cfg.connector.kind != "mlp" or cfg.connector.projector != "mlp2x_gelu":
         what = cfg.connector.kind if cfg.connector.kind != "mlp" else f"mlp/{cfg.connector.projector}"
         reasons.append(

@@ -184,6 +184,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.split(",") if m]
+        parse_pinpoints(self.grid_pinpoints)  # a malformed --grid-pinpoints fails here, by name
         checks = [
             (self.stage in (1, 2), f"stage must be 1 or 2, got {self.stage}"),
             (
