@@ -43,8 +43,9 @@ def config_problems(cfg: ModelConfig) -> list[str]:
         reasons.append(
             "vision.min_pixels / max_pixels rescale images before tiling, which LlavaNextImageProcessor does not"
         )
-    # the tower, projector and LLM rules are LLaVA's own; the aspect is judged above
-    square = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_aspect="square"))
+    # the tower, projector and LLM rules are LLaVA's own; the aspect and pixel budgets are judged above
+    vision = dataclasses.replace(cfg.vision, image_aspect="square", min_pixels=0, max_pixels=0)
+    square = dataclasses.replace(cfg, vision=vision)
     return reasons + hf_llava.config_problems(square)
 
 
