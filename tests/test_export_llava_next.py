@@ -13,11 +13,11 @@ SIZES = [(96, 40), (40, 88), (64, 64), (150, 20)]
 """(width, height): wide, tall, square and very wide images pick different grids and unpad differently."""
 
 
-def _config(backbones, mode="full", aspect="anyres", **connector):
+def _config(backbones, mode="full", aspect="anyres", max_pixels=0, **connector):
     from mllm.config import ConnectorConfig, LLMConfig, LoraSettings, ModelConfig, VisionConfig
 
     return ModelConfig(
-        vision=VisionConfig(path=backbones["clip"], image_aspect=aspect, max_tiles=4),
+        vision=VisionConfig(path=backbones["clip"], image_aspect=aspect, max_tiles=4, max_pixels=max_pixels),
         connector=ConnectorConfig(kind="mlp", **connector),
         llm=LLMConfig(path=backbones["llama"], mode=mode, lora=LoraSettings(r=8, alpha=16, dropout=0.0)),
         dtype="fp32",
@@ -76,6 +76,7 @@ def test_hf_llava_next_export_matches_our_model_on_images_of_several_shapes(back
     [
         ({"aspect": "square"}, "vision.image_aspect is 'square'"),
         ({"pixel_shuffle": 2}, "connector.pixel_shuffle is 2"),
+        ({"max_pixels": 4096}, "min_pixels / max_pixels rescale images"),
         ({"projector": "linear"}, "connector mlp/linear"),
     ],
 )
