@@ -38,12 +38,38 @@ class VisionConfig:
     pool: int = 1
     """Average-pool the patch grid by this factor per side (1 = keep every patch)."""
     trainable: Literal["frozen", "full"] = "frozen"
+    image_aspect: Literal["square", "pad", "anyres"] = "square"
+    """How an image meets the tower's square input (`mllm.data.layout`): `square` (the tower's processor squashes
+    or crops it), `pad` (padded to a square first) or `anyres` (LLaVA-NeXT tiles + thumbnail; mlp connector)."""
+    grid_pinpoints: list[list[int]] = field(default_factory=list)
+    """`anyres`: grid resolutions (height, width) in pixels, multiples of the tower's input size; empty = every grid
+    of at most `max_tiles` tiles."""
+    max_tiles: int = 4
+    """`anyres` without `grid_pinpoints`: the most tiles an image is cut into (besides its thumbnail)."""
+    min_pixels: int = 0
+    """Images with fewer pixels are upscaled to this many (aspect ratio kept); 0 = off."""
+    max_pixels: int = 0
+    """Images with more pixels are downscaled to this many (aspect ratio kept); 0 = off."""
+    max_image_tokens: int = 0
+    """Visual tokens one sample's images may take in all; a sample needing more is refused by id. 0 = no limit."""
 
     def __post_init__(self):
         if self.trainable not in ("frozen", "full"):
             raise ValueError(f"vision.trainable must be frozen|full, got {self.trainable!r}")
         if self.pool < 1:
             raise ValueError(f"vision.pool must be >= 1, got {self.pool}")
+        if self.image_aspect not in ("square", "pad", "anyres"):
+            raise ValueError(f"vision.image_aspect must be square|pad|anyres, got {self.image_aspect!r}")
+        if self.max_tiles < 1:
+            raise ValueError(f"vision.max_tiles must be >= 1, got {self.max_tiles}")
+        if min(self.min_pixels, self.max_pixels, self.max_image_tokens) < 0:
+            raise ValueError("vision.min_pixels, max_pixels and max_image_tokens must be >= 0 (0 = off)")
+        if self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"vision.min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+        if any(len(p) != 2 or min(p) < 1 for p in self.grid_pinpoints):
+            raise ValueError(
+                f"vision.grid_pinpoints must be [height, width] pairs, got {self.grid_pinpoints}"
+            )
 
 
 @dataclass
@@ -54,6 +80,9 @@ class ConnectorConfig:
     """`mlp` (LLaVA projector), `qformer` (BLIP-2) or `resampler` (perceiver)."""
     projector: str = "mlp2x_gelu"
     """For `mlp`: `linear` or `mlp{N}x_gelu` (N linear layers with GELU between)."""
+    pixel_shuffle: int = 1
+    """For `mlp`: merge each s×s block of neighbouring patches into one token of s² times the width before
+    projecting (Idefics3 / nanoVLM): s² fewer visual tokens per image. 1 = off; s must divide the patch grid's side."""
     num_queries: int = 32
     """For `qformer` / `resampler`: number of learned queries = visual tokens per image."""
     num_layers: int = 2
@@ -87,6 +116,13 @@ class ConnectorConfig:
             self.projector == "linear" or re.fullmatch(r"mlp(\d+)x_gelu", self.projector)
         ):
             raise ValueError(f"connector.projector must be 'linear' or 'mlpNx_gelu', got {self.projector!r}")
+        if self.pixel_shuffle < 1:
+            raise ValueError(f"connector.pixel_shuffle must be >= 1 (1 = off), got {self.pixel_shuffle}")
+        if self.pixel_shuffle > 1 and self.kind != "mlp":
+            raise ValueError(
+                f"connector.pixel_shuffle is a setting of the mlp connector; {self.kind!r} already sets its token "
+                "count with num_queries"
+            )
         if self.num_queries < 1 or self.num_layers < 1:
             raise ValueError("connector.num_queries and connector.num_layers must be >= 1")
         if self.instruction_aware and not (self.kind == "qformer" and self.qformer_text):

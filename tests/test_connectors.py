@@ -113,3 +113,36 @@ def test_the_documented_connector_sizes_are_what_the_code_builds():
     assert sorted(rows) == sorted(configs)
     for row, cfg in configs.items():
         assert int(rows[row].replace(",", "")) == _count(cfg), row
+
+
+def test_pixel_shuffle_merges_each_block_into_one_wider_token():
+    from mllm.connectors.pixel_shuffle import pixel_shuffle
+
+    # a 4×4 grid whose feature at (row r, col c) is [r, c]: the token of block (1, 0) holds rows 2-3, cols 0-1
+    grid = torch.tensor([[r, c] for r in range(4) for c in range(4)], dtype=torch.float32)[None]  # [1, 16, 2]
+    out = pixel_shuffle(grid, 2)  # [1, 4, 8]
+    assert out.shape == (1, 4, 8)
+    assert out[0, 2].tolist() == [2, 0, 2, 1, 3, 0, 3, 1]  # row-major block: (2,0) (2,1) (3,0) (3,1)
+    assert out[0, 1].tolist() == [0, 2, 0, 3, 1, 2, 1, 3]
+    assert pixel_shuffle(grid, 1) is grid
+
+
+def test_mlp_with_pixel_shuffle_emits_s_squared_fewer_tokens_from_a_wider_first_layer():
+    cfg = ConnectorConfig(kind="mlp", pixel_shuffle=2)
+    conn = build_connector(cfg, vision_dim=48, vision_tokens=16, llm_dim=64)
+    assert conn.num_tokens == 4 and conn(torch.randn(3, 16, 48)).shape == (3, 4, 64)
+    # LLaVA-1.5 sizes, 24×24 grid: 144 tokens, first layer 4·1024 → 4096
+    assert _count(cfg) == 4 * 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    with torch.device("meta"):
+        assert build_connector(cfg, **VIT_L_336).num_tokens == 144
+
+
+def test_pixel_shuffle_refuses_a_grid_it_does_not_divide_and_other_connectors():
+    with pytest.raises(ValueError, match="pixel_shuffle 3 does not divide the vision tower's 4×4 patch grid"):
+        build_connector(ConnectorConfig(pixel_shuffle=3), vision_dim=48, vision_tokens=16, llm_dim=64)
+    with pytest.raises(ValueError, match="square patch grid"):
+        build_connector(ConnectorConfig(pixel_shuffle=2), vision_dim=48, vision_tokens=12, llm_dim=64)
+    with pytest.raises(ValueError, match="setting of the mlp connector"):
+        ConnectorConfig(kind="resampler", pixel_shuffle=2)
+    with pytest.raises(ValueError, match=">= 1"):
+        ConnectorConfig(pixel_shuffle=0)

@@ -9,6 +9,7 @@ import pytest
 
 from mllm.config import IMAGE_TOKEN_ID
 from mllm.data import IGNORE_INDEX, TEMPLATES, BadSampleError, encode_conversation
+from mllm.data.encode import ConversationEncoder
 from mllm.testing.backbones import LLM_FAMILIES
 from mllm.testing.tokenizers import make_tokenizer
 
@@ -83,7 +84,7 @@ def test_generation_prompt_is_a_prefix_of_training_ids(family, template):
     assert full_labels[len(prompt_ids)] != IGNORE_INDEX
 
 
-def test_truncation_never_cuts_an_image_and_reports_a_lost_answer():
+def test_truncation_never_cuts_or_drops_an_image():
     tok = tokenizer("llama")
     conv = [
         {"role": "user", "content": "Look: <image> and <image>"},
@@ -91,29 +92,48 @@ def test_truncation_never_cuts_an_image_and_reports_a_lost_answer():
     ]
     full, _ = encode_conversation(conv, tok, "llama3", image_tokens=10)
     first = full.index(IMAGE_TOKEN_ID)
-    with pytest.raises(BadSampleError, match="answer_truncated"):
-        encode_conversation(
-            conv, tok, "llama3", image_tokens=10, max_length=first + 15
-        )  # inside the 2nd image
+    for cut in (
+        first + 5,
+        first + 15,
+        first + 20,
+    ):  # inside the 1st image, inside the 2nd, just before its end
+        with pytest.raises(BadSampleError, match="images_do_not_fit"):
+            encode_conversation(conv, tok, "llama3", image_tokens=10, max_length=cut)
     conv2 = [
         {"role": "user", "content": "<image>"},
         {"role": "assistant", "content": "It is a circle."},
         *conv,
     ]
-    ids, labels = encode_conversation(conv2, tok, "llama3", image_tokens=10, max_length=40)
-    assert len(ids) <= 40 and ids.count(IMAGE_TOKEN_ID) % 10 == 0
-    if ids[-1] == IMAGE_TOKEN_ID:  # an image at the end is complete
-        assert ids[-10:] == [IMAGE_TOKEN_ID] * 10
+    full2, _ = encode_conversation(conv2, tok, "llama3", image_tokens=10)
+    last_image_end = len(full2) - full2[::-1].index(IMAGE_TOKEN_ID)
+    # a cut after every image only drops text; the sample keeps all three images whole
+    ids, labels = encode_conversation(conv2, tok, "llama3", image_tokens=10, max_length=last_image_end + 2)
+    assert len(ids) == last_image_end + 2 and ids.count(IMAGE_TOKEN_ID) == 30
     assert any(lab != IGNORE_INDEX for lab in labels)
 
 
-def test_cut_inside_image_backs_up_to_its_start():
+def test_cut_before_an_image_in_the_answer_refuses_the_sample():
     tok = tokenizer("qwen2")
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello <image> there"}]
     full, _ = encode_conversation(conv, tok, "chatml", image_tokens=8)
     start = full.index(IMAGE_TOKEN_ID)
-    ids, labels = encode_conversation(conv, tok, "chatml", image_tokens=8, max_length=start + 3)
-    assert ids == full[:start] and IMAGE_TOKEN_ID not in ids
+    with pytest.raises(BadSampleError, match="images_do_not_fit"):
+        encode_conversation(conv, tok, "chatml", image_tokens=8, max_length=start + 3)
+
+
+def test_images_take_their_own_token_counts():
+    tok = tokenizer("llama")
+    conv = [
+        {"role": "user", "content": "<image> first, then <image>"},
+        {"role": "assistant", "content": "And <image> here."},
+    ]
+    encoder = ConversationEncoder(tok, "llama3")
+    ids, labels = encoder.encode(conv, image_tokens=[3, 7, 1])
+    runs = [len(r) for r in "".join("i" if t == IMAGE_TOKEN_ID else "." for t in ids).split(".") if r]
+    assert runs == [3, 7, 1]
+    assert all(lab == IGNORE_INDEX for t, lab in zip(ids, labels, strict=True) if t == IMAGE_TOKEN_ID)
+    with pytest.raises(BadSampleError, match="image_count_mismatch"):
+        encoder.encode(conv, image_tokens=[3, 7])
 
 
 def _with_template(family: str, template: str):

@@ -91,6 +91,7 @@ def test_hf_llava_export_matches_our_model(backbones, tmp_path, vision, mode):
         ({"kind": "qformer"}, "connector qformer"),
         ({"projector": "linear"}, "connector mlp/linear"),
         ({"pool": 2}, "vision.pool is 2"),
+        ({"pixel_shuffle": 2}, "connector.pixel_shuffle is 2"),
     ],
 )
 def test_hf_llava_refuses_what_llava_cannot_express(backbones, tmp_path, capsys, settings, reason):

@@ -92,12 +92,12 @@ def test_placeholder_image_mismatch_names_the_sample(tiny_config):
     model = build_model(tiny_config("clip", "gpt2", "resampler"))
     batch = _batch(model, [2, 1])
     batch["image_counts"] = torch.tensor([1, 2])
-    with pytest.raises(ValueError, match=r"sample llava-42: .*image-token positions but 1 image"):
+    with pytest.raises(ValueError, match=r"sample llava-42: .*image-token positions but its 1 image"):
         model(**batch, sample_ids=["llava-42", "llava-43"])
     batch = _batch(model, [1])
     batch["pixel_values"] = batch["pixel_values"][:0]
     batch.pop("image_counts")
-    with pytest.raises(ValueError, match="0 image"):
+    with pytest.raises(ValueError, match="its 0 image"):
         model(**batch)
 
 

@@ -59,8 +59,12 @@ def test_encoding_invariants(tokenizers, family, template, messages, max_length)
     encoder = ConversationEncoder(tok, template, image_tokens=K, max_length=max_length)
     try:
         enc = encoder.encode_full(messages)
-    except BadSampleError as e:
-        assert e.kind == "answer_truncated" and max_length is not None  # the only acceptable refusal here
+    except BadSampleError as e:  # the only acceptable refusals: a lost answer, images that do not fit
+        assert e.kind in ("answer_truncated", "images_do_not_fit") and max_length is not None
+        if e.kind == "images_do_not_fit":
+            full = ConversationEncoder(tok, template, image_tokens=K).encode_full(messages).input_ids
+            last_image_end = len(full) - full[::-1].index(IMAGE_TOKEN_ID)
+            assert last_image_end > max_length
         return
     ids, labels = enc.input_ids, enc.labels
     # equal lengths, and within the limit
@@ -69,10 +73,10 @@ def test_encoding_invariants(tokenizers, family, template, messages, max_length)
     # truncation never splits an image: every run of image tokens is whole images
     runs = _image_runs(ids)
     assert all(r % K == 0 for r in runs)
-    # every placeholder that survived maps to exactly one image's K tokens
+    # every placeholder maps to exactly one image's K tokens: truncation never drops an image
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     assert sum(runs) == K * enc.num_images
-    assert enc.num_images == placeholders or enc.truncated
+    assert enc.num_images == placeholders
     # labels are either ignored or equal to the token, never on an image token
     assert all(lab in (-100, tid) for lab, tid in zip(labels, ids, strict=True))
     assert all(lab == -100 for lab, tid in zip(labels, ids, strict=True) if tid == IMAGE_TOKEN_ID)

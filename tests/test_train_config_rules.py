@@ -46,6 +46,14 @@ BROKEN = [
     ),
     (dict(max_tokens=-1), "max_tokens must be >= 0 (0 = no token budget)"),
     *[
+        (
+            dict(feature_cache="cache", **change),
+            "--feature-cache stores one tower output per image file; with --image-aspect pad/anyres or a pixel "
+            "budget the tower sees other pixels: drop --feature-cache",
+        )
+        for change in (dict(image_aspect="anyres"), dict(image_aspect="pad"), dict(max_pixels=10_000))
+    ],
+    *[
         (change, "grad_accum must be >= 0 and global_batch_size >= 1")
         for change in (dict(grad_accum=-1), dict(global_batch_size=0))
     ],

@@ -169,6 +169,27 @@ def test_stage2_rebuilds_a_stage1_connector_of_any_shape(backbones, colours, tmp
     assert fit(session)["step"] == 1
 
 
+def test_pixel_shuffle_trains_with_a_quarter_of_the_visual_tokens_and_stage2_keeps_it(
+    backbones, colours, tmp_path
+):
+    # the tiny tower's 4×4 patch grid, shuffled by 2: 4 visual tokens per image, in the data and in the splice
+    s1 = config(backbones, colours, tmp_path / "s1", max_steps=2, pixel_shuffle=2)
+    session = setup(s1)
+    assert (
+        session.model.num_image_tokens == 4
+        and session.model.connector.linear_1.in_features == 4 * session.model.vision.hidden_size
+    )
+    assert fit(session)["step"] == 2
+    s2 = config(
+        backbones, colours, tmp_path / "s2", stage=2, init_from=str(tmp_path / "s1"), vision="", llm=""
+    )
+    session = setup(dataclasses.replace(s2, llm_mode="lora", lora_r=2, lora_alpha=4, max_steps=1))
+    assert session.model.config.connector.pixel_shuffle == 2 and session.model.num_image_tokens == 4
+    assert fit(session)["step"] == 1
+    with pytest.raises(ValueError, match="pixel_shuffle 3 does not divide"):
+        setup(config(backbones, colours, tmp_path / "s3", max_steps=1, pixel_shuffle=3))
+
+
 def test_attention_auto_trains_short_rows_with_eager_and_the_same_weights_as_sdpa(
     backbones, colours, tmp_path
 ):

@@ -30,6 +30,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             default=DEFAULT_IMAGE_TOKENS,
             help=f"tokens per image of your vision tower + connector (default {DEFAULT_IMAGE_TOKENS})",
         )
+        q.add_argument(
+            "--image-aspect",
+            choices=("square", "pad", "anyres"),
+            default="square",
+            help="how images meet the tower (the model's vision.image_aspect); with anyres, --image-tokens is "
+            "the tokens per tile and --tile-size the tower's input side",
+        )
+        q.add_argument("--tile-size", type=int, default=336, help="the tower's input side in pixels (336)")
+        q.add_argument("--max-tiles", type=int, default=4, help="anyres: most tiles per image (4)")
+        q.add_argument("--min-pixels", type=int, default=0, help="upscale smaller images to this many pixels")
+        q.add_argument(
+            "--max-pixels", type=int, default=0, help="downscale larger images to this many pixels"
+        )
+        q.add_argument(
+            "--max-image-tokens", type=int, default=0, help="refuse samples whose images need more tokens"
+        )
         q.add_argument("--template", help="override the recipe's template")
         q.add_argument("--max-length", type=int, help="override the recipe's max_length")
         add_image_root(q)
@@ -62,6 +78,24 @@ def _tokenizer(path: str):
         raise UserError(f"cannot load tokenizer {path!r}: {e}") from None
 
 
+def _layout(args):
+    """The image layout the options describe (as a model with these vision settings would have it)."""
+    from mllm.config import VisionConfig
+    from mllm.data.layout import layout_for
+
+    try:
+        cfg = VisionConfig(
+            image_aspect=args.image_aspect,
+            max_tiles=args.max_tiles,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
+            max_image_tokens=args.max_image_tokens,
+        )
+        return layout_for(cfg, args.tile_size, args.image_tokens)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _recipe(args):
     from mllm.data import load_recipe
 
@@ -84,7 +118,7 @@ def run_check(args) -> int:
     report = check_recipe(
         recipe,
         _tokenizer(args.tokenizer),
-        args.image_tokens,
+        _layout(args),
         seed=args.seed,
         workers=args.workers,
         progress=not args.no_progress,
@@ -110,7 +144,7 @@ def run_show(args) -> int:
         show_samples(
             recipe,
             _tokenizer(args.tokenizer),
-            args.image_tokens,
+            _layout(args),
             n=args.n,
             start=args.start,
             seed=args.seed,

@@ -1,4 +1,4 @@
-"""`mllm export CKPT OUT --merge-lora | --format hf-llava | hf-blip2 | hf-instructblip`."""
+"""`mllm export CKPT OUT --merge-lora | --format hf-llava | hf-llava-next | hf-blip2 | hf-instructblip`."""
 
 from __future__ import annotations
 

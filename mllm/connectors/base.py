@@ -23,6 +23,9 @@ class Connector(nn.Module):
     """K: visual tokens per image in the LLM sequence."""
     instruction_aware: bool = False
     """Whether `forward` also takes each image's instruction ids and mask [I, T]."""
+    keeps_grid: bool = False
+    """Whether its K tokens are the tile's patches in grid order (then `anyres` can lay tiles out, unpad them and
+    end each row with `image_newline`; such a connector takes `image_newline=True` in `__init__`)."""
 
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, llm_dim: int):
         super().__init__()

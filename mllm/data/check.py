@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from mllm.data.dataset import recipe_tasks
-from mllm.data.reader import open_reader
+from mllm.data.layout import ImageLayout
+from mllm.data.reader import as_layout, open_reader
 from mllm.data.recipe import Recipe
 from mllm.data.scan import scan
 from mllm.data.sources import source_format
@@ -34,7 +35,8 @@ class SourceReport:
 @dataclass
 class CheckReport:
     recipe: str
-    image_tokens: int
+    image_tokens: str
+    """How images become tokens: one count per image, or the layout's aspect and per-tile count."""
     max_length: int | None
     sources: list[SourceReport]
     lengths: np.ndarray
@@ -101,7 +103,7 @@ class CheckReport:
 def check_recipe(
     recipe: Recipe,
     tokenizer,
-    image_tokens: int,
+    image_tokens: int | ImageLayout,
     *,
     seed: int = 0,
     workers: int | None = None,
@@ -133,8 +135,14 @@ def check_recipe(
         else:
             r.text_only += 1
     bad = [res.bad[k] for k in sorted(res.bad)]
+    layout = as_layout(image_tokens)
+    described = (
+        str(layout.tile_tokens)
+        if not layout.varies
+        else f"{layout.aspect}, {layout.tile_tokens} per tile, exact per image from its size"
+    )
     return CheckReport(
-        recipe.name, image_tokens, recipe.max_length, reports, res.length[good], res.full_length[good], bad
+        recipe.name, described, recipe.max_length, reports, res.length[good], res.full_length[good], bad
     )
 
 

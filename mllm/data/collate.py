@@ -58,7 +58,8 @@ class Collator:
 
     The batch has `input_ids` and `labels` [R, W]; `attention_mask` [R, W] (one right-padded sample per row and
     `mask_free` off) or None; `position_ids` [R, W] (packed rows sharing a row) or None; `pixel_values` or
-    `features` (images in row-major order, None when there are none); `image_counts` [R]; `sample_ids` (one id
+    `features` (images in row-major order, each image's tiles together; None when there are none); `image_sizes`
+    [I, 2] (the (width, height) each image was used at, when items bring them); `image_counts` [R]; `sample_ids` (one id
     per row, or a list of ids per row when packing); `sample_lengths` and `sample_images` (every sample's token
     and image count, for throughput accounting; their length is the number of samples).
 
@@ -117,7 +118,8 @@ class Collator:
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         image_key = "features" if "features" in items[0] else "pixel_values"
-        images, instructions, counts, row_ids, used = [], [], [], [], []
+        n_images = [_num_images(it, image_key) for it in items]
+        images, sizes, instructions, counts, row_ids, used = [], [], [], [], [], []
         for r, members in enumerate(rows):
             start = 0
             for i in members:
@@ -127,13 +129,15 @@ class Collator:
                 labels[r, start] = IGNORE_INDEX  # never a target: the token before it is another sample's
                 positions[r, start : start + n] = torch.arange(n)
                 start += n
-                if it[image_key].shape[0] > 0:
+                if n_images[i] > 0:
                     images.append(it[image_key])
-                    instructions += [it.get("instruction", "")] * it[image_key].shape[0]
+                    if "image_sizes" in it:
+                        sizes.append(it["image_sizes"])
+                    instructions += [it.get("instruction", "")] * n_images[i]
             positions[r, start:] = torch.arange(
                 width - start
             )  # the tail: its own segment, attends to nothing real
-            counts.append(sum(items[i][image_key].shape[0] for i in members))
+            counts.append(sum(n_images[i] for i in members))
             row_ids.append([items[i]["id"] for i in members] if self.pack else items[members[0]]["id"])
             used.append(start)
         shared = not self.is_mask_free(lengths, rows)
@@ -146,10 +150,11 @@ class Collator:
             "attention_mask": mask if shared and not self.pack else None,
             "position_ids": positions if shared and self.pack else None,
             image_key: torch.cat(images) if images else None,
+            "image_sizes": torch.cat(sizes) if sizes else None,
             "image_counts": torch.tensor(counts, dtype=torch.long),
             "sample_ids": row_ids,
             "sample_lengths": lengths,
-            "sample_images": [it[image_key].shape[0] for it in items],
+            "sample_images": n_images,
         }
 
     def _empty(self) -> dict[str, Any]:
@@ -160,6 +165,7 @@ class Collator:
             "attention_mask": None if self.mask_free else torch.zeros((0, 0), dtype=torch.long),
             "position_ids": None,
             "pixel_values": None,
+            "image_sizes": None,
             "image_counts": torch.zeros(0, dtype=torch.long),
             "sample_ids": [],
             "sample_lengths": [],
@@ -172,3 +178,9 @@ class Collator:
             return {"qformer_input_ids": None, "qformer_attention_mask": None}
         ids, mask = encode_instructions(self.instruction_tokenizer, texts, self.instruction_max_tokens)
         return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
+
+
+def _num_images(item: dict[str, Any], image_key: str) -> int:
+    """Images of a dataset item: its `image_sizes` rows (an image may have several tiles), else one per entry."""
+    sizes = item.get("image_sizes")
+    return int(sizes.shape[0]) if sizes is not None else int(item[image_key].shape[0])

@@ -22,6 +22,7 @@ from PIL import Image
 
 from mllm.data.errors import BadSampleError
 from mllm.data.instruction import instruction_text
+from mllm.data.layout import ImageLayout
 from mllm.data.reader import SampleReader, open_reader
 from mllm.data.recipe import Recipe, SourceSpec
 from mllm.data.scan import ScanResult, cached_length_scan
@@ -119,7 +120,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
         item = self.items[i]
         try:
             sample, enc = self.reader.encode(item.source, item.index)
-            images = self.reader.load_images(sample, enc.num_images, item.source)
+            images = self.reader.load_images(sample, item.source, enc.image_tokens)
         except BadSampleError as e:
             self._bad(self.reader.locate(e, item.source, item.index))
             return None
@@ -128,14 +129,12 @@ class MultimodalDataset(torch.utils.data.Dataset):
                 f"sample {sample.id}: length changed from {self.lengths[i]} to {len(enc.input_ids)} since the scan; "
                 "was the data file edited during training?"
             )
-        if self.preprocess is not None and images:
-            pixels = self.preprocess(images).float()
-        else:
-            pixels = torch.zeros((0, *self._pixel_shape))
+        pixels, sizes = image_inputs(self.reader.layout, images, self.preprocess, self._pixel_shape)
         return {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),
-            "pixel_values": pixels,
+            "pixel_values": pixels,  # [tiles, 3, H, W]: every tile of every image, image by image
+            "image_sizes": sizes,  # [images, 2]: (width, height) each image was used at
             "instruction": instruction_text(sample.messages),  # read only by an instruction-aware Q-Former
             "id": sample.id,
             "source": self.source_names[item.source],
@@ -179,10 +178,24 @@ def _error_fields(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def image_inputs(
+    layout: ImageLayout, images: list[Image.Image], preprocess: Preprocess | None, pixel_shape: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample's decoded images → (tower inputs of their tiles [T, 3, H, W], sizes used [I, 2]) per `layout`.
+
+    Without `preprocess` (length-only uses) the pixels are an empty [0, *pixel_shape]; the sizes are still given.
+    """
+    if preprocess is None or not images:
+        sizes = [layout.fit(*im.size) for im in images]
+        return torch.zeros((0, *pixel_shape)), torch.tensor(sizes, dtype=torch.long).reshape(-1, 2)
+    pixels, sizes = layout.pixels(images, preprocess)
+    return pixels.float(), sizes
+
+
 def build_dataset(
     recipe: Recipe,
     tokenizer,
-    image_tokens: int,
+    image_tokens: int | ImageLayout,
     preprocess: Preprocess | None,
     seed: int = 0,
     *,
@@ -191,6 +204,7 @@ def build_dataset(
 ) -> MultimodalDataset:
     """Open the recipe's sources and learn every sample's exact length (cached; parallel when large; progress bar).
 
+    `image_tokens`: the model's `image_layout` (images → tiles and token counts), or one token count per image.
     `seed` picks `random:N` subsets. `workers`: scan processes (None = automatic).
     """
     reader = open_reader(recipe, tokenizer, image_tokens)

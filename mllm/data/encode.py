@@ -1,6 +1,10 @@
 """Conversation → (input_ids, labels), built together: one tokenisation of the rendered text, labels from spans.
 
-Each `<image>` becomes `image_tokens` copies of IMAGE_TOKEN_ID (label IGNORE_INDEX).
+Image `i`'s `<image>` becomes `image_tokens[i]` copies of IMAGE_TOKEN_ID (label IGNORE_INDEX): each image's count is
+given (it follows from the image's size, `mllm.data.layout`), or one count serves every image.
+Truncation to `max_length` never cuts an image: it only drops text after the
+last image; a sample whose images do not all fit is a BadSampleError
+(`images_do_not_fit`), never silently shortened.
 Labels are the token ids inside the template's supervised spans (assistant
 content + end-of-turn) and IGNORE_INDEX (-100) everywhere else. A token that mixes supervised
 text with non-whitespace scaffolding is a template/tokenizer mismatch: it
@@ -9,7 +13,7 @@ raises, it never zeroes the sample's labels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mllm.config import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 from mllm.data.errors import BadSampleError
@@ -21,9 +25,11 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
-    """Images whose tokens survived truncation (always the first ones)."""
+    """Images in the sample (truncation never drops one)."""
     full_length: int
     """Length before truncation."""
+    image_tokens: list[int] = field(default_factory=list)
+    """Each image's visual-token count, in order."""
 
     @property
     def truncated(self) -> bool:
@@ -33,7 +39,10 @@ class Encoded:
 class ConversationEncoder:
     """Holds the template and tokenizer for many `encode` calls (the dataset makes one)."""
 
-    def __init__(self, tokenizer, template: str | Template, image_tokens: int, max_length: int | None = None):
+    def __init__(
+        self, tokenizer, template: str | Template, image_tokens: int = 0, max_length: int | None = None
+    ):
+        """`image_tokens`: the count every image gets when `encode` is not given per-image counts."""
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 "mllm needs a fast (Rust) tokenizer for exact label offsets; load it with use_fast=True"
@@ -46,30 +55,57 @@ class ConversationEncoder:
         self.max_length = max_length
 
     def encode(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = False,
+        image_tokens: list[int] | None = None,
     ) -> tuple[list[int], list[int]]:
-        enc = self.encode_full(messages, add_generation_prompt)
+        enc = self.encode_full(messages, add_generation_prompt, image_tokens)
         return enc.input_ids, enc.labels
 
-    def encode_full(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> Encoded:
-        """Like `encode`, also saying how many images survived truncation and the untruncated length."""
+    def encode_full(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = False,
+        image_tokens: list[int] | None = None,
+    ) -> Encoded:
+        """Like `encode`, also saying how many images the sample has and its untruncated length.
+
+        `image_tokens`: each image's visual-token count, in placeholder order (default: the encoder's one count for
+        every image). A count list that disagrees with the placeholders is a BadSampleError.
+        """
         rendered = self.template.render(messages, add_generation_prompt)
-        ids, labels, image_starts = self._tokenize(rendered.text, rendered.spans)
+        ids, labels, image_ends, image_tokens = self._tokenize(rendered.text, rendered.spans, image_tokens)
         full = len(ids)
         if self.max_length is not None and full > self.max_length and not add_generation_prompt:
+            if image_ends and image_ends[-1] > self.max_length:
+                raise BadSampleError(
+                    "images_do_not_fit",
+                    f"{full} tokens with its {len(image_ends)} image(s) expanded; image tokens reach position "
+                    f"{image_ends[-1]}, past max_length={self.max_length} (an image is never cut or dropped: "
+                    "raise max_length, lower the image budget, or split the sample)",
+                )
             ids, labels = self._truncate(ids, labels)
-            image_starts = [p for p in image_starts if p + self.image_tokens <= len(ids) and p < len(ids)]
-        return Encoded(ids, labels, len(image_starts), full)
+        return Encoded(ids, labels, len(image_ends), full, image_tokens)
 
-    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
+    def _tokenize(
+        self, text: str, spans: list[tuple[int, int]], image_tokens: list[int] | None
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
         chunks = text.split(IMAGE_PLACEHOLDER)
+        if image_tokens is None:
+            image_tokens = [self.image_tokens] * (len(chunks) - 1)
+        elif len(image_tokens) != len(chunks) - 1:
+            raise BadSampleError(
+                "image_count_mismatch",
+                f"{len(chunks) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {len(image_tokens)} image(s)",
+            )
         # the Rust tokenizer one chunk at a time: the same ids and offsets as `tokenizer(chunks)`, without the
         # thread-pool wake-ups of batch encoding, which dominate for a few short chunks per sample
         backend = self.tokenizer.backend_tokenizer
         encodings = [backend.encode(chunk, add_special_tokens=False) for chunk in chunks]
         ids: list[int] = []
         labels: list[int] = []
-        image_starts: list[int] = []
+        image_ends: list[int] = []
         base, si = 0, 0
         for c, encoding in enumerate(encodings):
             chunk_ids, offsets = encoding.ids, encoding.offsets
@@ -84,11 +120,11 @@ class ConversationEncoder:
                 labels.append(tok if supervised else IGNORE_INDEX)
             base += len(chunks[c])
             if c < len(chunks) - 1:
-                image_starts.append(len(ids))
-                ids.extend([IMAGE_TOKEN_ID] * self.image_tokens)
-                labels.extend([IGNORE_INDEX] * self.image_tokens)
+                ids.extend([IMAGE_TOKEN_ID] * image_tokens[c])
+                labels.extend([IGNORE_INDEX] * image_tokens[c])
+                image_ends.append(len(ids))
                 base += len(IMAGE_PLACEHOLDER)
-        return ids, labels, image_starts
+        return ids, labels, image_ends, image_tokens
 
     @staticmethod
     def _check_boundary(text: str, s: int, e: int, span: tuple[int, int]) -> None:
@@ -101,10 +137,7 @@ class ConversationEncoder:
             )
 
     def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        cut = self.max_length
-        # never keep part of an image: back up to the start of the image run the cut falls in
-        while cut > 0 and ids[cut - 1] == IMAGE_TOKEN_ID and ids[cut] == IMAGE_TOKEN_ID:
-            cut -= 1
+        cut = self.max_length  # after the last image's tokens (checked by the caller)
         if all(label == IGNORE_INDEX for label in labels[:cut]):
             raise BadSampleError(
                 "answer_truncated",

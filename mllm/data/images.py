@@ -47,6 +47,50 @@ def open_image(ref: ImageRef, root: str, max_pixels: int) -> Image.Image:
     return _decode(path, max_pixels, ref)
 
 
+_SWAPS_SIDES = (5, 6, 7, 8)
+"""EXIF orientations that turn the image a quarter: its upright width is the stored height."""
+
+
+def image_size(ref: ImageRef, root: str, max_pixels: int) -> tuple[int, int]:
+    """The upright (width, height) of an image from its header alone (PIL opens lazily: no pixels decoded)."""
+    if isinstance(ref, Image.Image):
+        return ref.size[::-1] if _orientation(ref) in _SWAPS_SIDES else ref.size
+    if isinstance(ref, (bytes, bytearray)):
+        fp, what = io.BytesIO(ref), "image bytes"
+    elif isinstance(ref, str):
+        fp, what = resolve_image_path(root, ref), ref
+        if not os.path.isfile(fp):
+            raise BadSampleError("missing_image", f"image {ref!r} not found (looked for {fp})")
+    else:
+        raise BadSampleError("bad_image_path", f"expected an image path or bytes, got {type(ref).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                _check_size(img, max_pixels, what)
+                w, h = img.size
+                return (h, w) if _orientation(img) in _SWAPS_SIDES else (w, h)
+    except Image.DecompressionBombError as e:
+        raise BadSampleError("oversized_image", f"{what}: {e}") from None
+    except BadSampleError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError("unreadable_image", f"{what}: cannot decode ({type(e).__name__}: {e})") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag, read from the header: a PNG's `getexif` would decode the file to look for a late
+    eXIf chunk, so for PNG only an eXIf chunk before the pixels counts (where writers put it)."""
+    if img.format == "PNG":
+        raw = img.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(0x0112, 1)
+    return img.getexif().get(0x0112, 1)
+
+
 def _decode(fp, max_pixels: int, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():

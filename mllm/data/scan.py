@@ -20,7 +20,7 @@ from mllm.data.reader import SampleReader
 from mllm.data.recipe import Recipe
 from mllm.fingerprint import file_fingerprint
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when tokenisation or validation changes, so old length caches are not reused."""
 PARALLEL_MIN = 20_000
 """Below this many samples a scan runs in-process: starting workers costs more than it saves."""
@@ -43,8 +43,8 @@ class ScanResult:
 def _scan_one(reader: SampleReader, si: int, idx: int, check_images: bool):
     try:
         sample, enc = reader.encode(si, idx)
-        if check_images:  # every referenced image, including any truncation dropped
-            reader.load_images(sample, len(sample.images), si)
+        if check_images:  # every referenced image, decoded
+            reader.load_images(sample, si)
         return len(enc.input_ids), enc.full_length, enc.num_images > 0, None
     except BadSampleError as e:
         return -1, 0, False, reader.locate(e, si, idx).record()
@@ -105,6 +105,7 @@ def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     h.update(
         json.dumps([CACHE_VERSION, r.template, r.max_length, r.system_prompt, enc.image_tokens]).encode()
     )
+    h.update(repr(reader.layout).encode())  # image counts follow the layout and its budgets
     h.update(json.dumps([tok.chat_template, tok.bos_token, tok.eos_token]).encode())
     h.update(tok.backend_tokenizer.to_str().encode())
     for src in reader.sources:

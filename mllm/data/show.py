@@ -12,9 +12,14 @@ OPEN, CLOSE = "[[", "]]"
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
-def render_tokens(tokenizer, ids: list[int], labels: list[int], color: bool = False) -> str:
-    """Text of `ids` with `<image×K>` for image runs and supervised runs wrapped in [[ ]] (or green)."""
+def render_tokens(
+    tokenizer, ids: list[int], labels: list[int], color: bool = False, image_tokens: list[int] | None = None
+) -> str:
+    """Text of `ids` with `<image×K>` per image and supervised runs wrapped in [[ ]] (or green).
+
+    `image_tokens`: each image's count, so that adjacent images show apart; without it a run shows as one."""
     out, run, run_sup = [], [], None
+    counts = list(image_tokens or [])
 
     def flush():
         if run:
@@ -29,6 +34,10 @@ def render_tokens(tokenizer, ids: list[int], labels: list[int], color: bool = Fa
             n = 0
             while k < len(ids) and ids[k] == IMAGE_TOKEN_ID:
                 n, k = n + 1, k + 1
+            while counts and 0 < counts[0] < n:  # several images in a row
+                out.append(f"<image×{counts[0]}>")
+                n -= counts.pop(0)
+            counts = counts[1:]
             out.append(f"<image×{n}>")
             continue
         sup = labels[k] != IGNORE_INDEX
@@ -44,12 +53,13 @@ def render_tokens(tokenizer, ids: list[int], labels: list[int], color: bool = Fa
 def show_samples(
     recipe: Recipe,
     tokenizer,
-    image_tokens: int,
+    image_tokens,
     n: int = 3,
     start: int = 0,
     seed: int = 0,
     color: bool = False,
 ) -> str:
+    """`n` samples from `start` as text; `image_tokens`: the model's `ImageLayout` or one count per image."""
     reader = open_reader(recipe, tokenizer, image_tokens)
     tasks = recipe_tasks(reader, seed)[start : start + n]
     blocks = []
@@ -64,8 +74,11 @@ def show_samples(
         supervised = sum(lab != IGNORE_INDEX for lab in enc.labels)
         head = (
             f"=== {where} id={sample.id!r}: {len(enc.input_ids)} tokens, {supervised} supervised, "
-            f"{enc.num_images} image(s){f' (truncated from {enc.full_length})' if enc.truncated else ''}"
+            f"{enc.num_images} image(s) of {enc.image_tokens} visual tokens"
+            f"{f' (truncated from {enc.full_length})' if enc.truncated else ''}"
         )
-        blocks.append(head + "\n" + render_tokens(tokenizer, enc.input_ids, enc.labels, color))
+        blocks.append(
+            head + "\n" + render_tokens(tokenizer, enc.input_ids, enc.labels, color, enc.image_tokens)
+        )
     legend = "supervised tokens in green" if color else f"supervised tokens inside {OPEN} {CLOSE}"
     return f"recipe {recipe.name} (template {recipe.template}); {legend}\n\n" + "\n\n".join(blocks)

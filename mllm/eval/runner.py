@@ -40,6 +40,9 @@ def predict(
             for it in chunk:
                 try:
                     images = [open_image(ref, it.image_root, it.max_image_pixels) for ref in it.images]
+                    processor.layout.token_counts(
+                        [im.size for im in images]
+                    )  # the image budgets, as in training
                 except BadSampleError as e:
                     raise ValueError(f"sample {it.id}: {e}") from None
                 convs.append(Conversation(it.messages, images))

@@ -4,6 +4,8 @@
 its classes cannot express (checked before any weights load) and writes the directory:
 
 - `hf-llava`: `LlavaForConditionalGeneration` + `LlavaProcessor` (see `mllm.export.hf_llava.SUPPORTED`);
+- `hf-llava-next`: `LlavaNextForConditionalGeneration` + `LlavaNextProcessor` for an `anyres` model (see
+  `mllm.export.hf_llava_next.SUPPORTED`);
 - `hf-blip2` / `hf-instructblip`: `Blip2ForConditionalGeneration` / `InstructBlipForConditionalGeneration` + their
   processors (see `mllm.export.hf_blip2.SUPPORTED`); `import_hf_blip2` reads those layouts back in.
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from mllm.config import ModelConfig
-from mllm.export import hf_blip2, hf_llava
+from mllm.export import hf_blip2, hf_llava, hf_llava_next
 from mllm.export.hf_blip2 import export_hf_blip2, import_hf_blip2
 from mllm.export.hf_llava import SUPPORTED as HF_LLAVA_SUPPORTED
 from mllm.export.hf_llava import (
@@ -47,6 +49,13 @@ EXPORT_FORMATS.register("hf-llava")(
         "a transformers LlavaForConditionalGeneration + processor (mlp2x_gelu connector, HF vision tower)",
         check_exportable,
         hf_llava.export_hf_llava,
+    )
+)
+EXPORT_FORMATS.register("hf-llava-next")(
+    ExportFormat(
+        "a transformers LlavaNextForConditionalGeneration + processor (anyres, mlp2x_gelu connector, HF vision tower)",
+        hf_llava_next.check_exportable,
+        hf_llava_next.export_hf_llava_next,
     )
 )
 

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from mllm.checkpoint import mark_complete, write_model_files
 from mllm.config import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
-from mllm.export.hf_llava import ExportError, _add_image_token, finish_export
+from mllm.export.hf_llava import ExportError, add_image_token, finish_export
 from mllm.export.merge import merge_lora
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def build_blip2(model, tokenizer, fmt: str):
     if model.config.llm.mode == "lora":
         merge_lora(model)
     llm, connector = model.llm, model.connector
-    image_id = _add_image_token(tokenizer, llm)
+    image_id = add_image_token(tokenizer, llm)
     qformer_config = getattr(transformers, family.qformer_config_class)(**connector.qformer.config.to_dict())
     config = getattr(transformers, family.config_class)(
         vision_config=model.vision.model.config.to_dict(),

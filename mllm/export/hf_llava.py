@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = (
     "vision kind 'hf' (a transformers vision model; at most one CLS prefix token, no registers), vision.pool 1; "
-    "connector 'mlp' with projector 'mlp2x_gelu'; llm mode frozen, full, lora or qlora (adapters merged); "
+    "connector 'mlp' with projector 'mlp2x_gelu' and pixel_shuffle 1; llm mode frozen, full, lora or qlora (adapters merged); "
     "an LLM without final-logit soft-capping; template 'auto' or any template with a Jinja form"
 )
 
@@ -44,10 +44,21 @@ def config_problems(cfg: ModelConfig) -> list[str]:
         reasons.append(
             f"vision.pool is {cfg.vision.pool}; LLaVA feeds every patch token to the projector (pool must be 1)"
         )
+    v = cfg.vision
+    if v.image_aspect != "square" or v.min_pixels or v.max_pixels:
+        reasons.append(
+            f"vision.image_aspect {v.image_aspect} / min_pixels {v.min_pixels} / max_pixels {v.max_pixels}: "
+            "LlavaProcessor feeds each image squashed to the tower's square (image_aspect square, no pixel budget)"
+        )
     if cfg.connector.kind != "mlp" or cfg.connector.projector != "mlp2x_gelu":
         what = cfg.connector.kind if cfg.connector.kind != "mlp" else f"mlp/{cfg.connector.projector}"
         reasons.append(
             f"connector {what}: LlavaMultiModalProjector is exactly linear_1 → GELU → linear_2 (mlp2x_gelu)"
+        )
+    if cfg.connector.pixel_shuffle != 1:
+        reasons.append(
+            f"connector.pixel_shuffle is {cfg.connector.pixel_shuffle}; LLaVA projects every patch token on its own "
+            "(no space-to-depth merge)"
         )
     return reasons
 
@@ -99,7 +110,7 @@ def processor_chat_template(template_jinja: str, system_prompt: str | None = Non
     return normalise + template_jinja
 
 
-def _add_image_token(tokenizer, llm) -> int:
+def add_image_token(tokenizer, llm) -> int:
     """Give "<image>" a token id, growing the embeddings by a zero row when the vocabulary is full."""
     tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
@@ -127,7 +138,7 @@ def build_llava(model, tokenizer) -> tuple[LlavaForConditionalGeneration, int]:
     if model.config.llm.mode == "lora":
         merge_lora(model)
     llm = model.llm
-    image_id = _add_image_token(tokenizer, llm)
+    image_id = add_image_token(tokenizer, llm)
     vision_config = model.vision.model.config
     if type(AutoModel.from_config(vision_config)) is not type(model.vision.model):
         raise ExportError(

@@ -112,6 +112,7 @@ class MllmModel(lmms):
             attention_mask=torch.ones_like(ids),
             pixel_values=pixels,
             image_counts=batch["image_counts"],
+            image_sizes=batch["image_sizes"],
             return_logits=True,
         ).logits  # [1, T, V]
         logprobs = logits[0, -len(cont) - 1 : -1].float().log_softmax(-1)  # position t predicts token t + 1

@@ -88,7 +88,9 @@ def generate_batch(
     instruction = {
         k: batch[k].to(device) for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch
     }
-    embeds = model.embed(input_ids, pixel_values, batch["image_counts"], **instruction)  # [B, T, D]
+    embeds = model.embed(
+        input_ids, pixel_values, batch["image_counts"], image_sizes=batch.get("image_sizes"), **instruction
+    )  # [B, T, D]
     new_ids = model.llm.generate(
         inputs_embeds=embeds,
         attention_mask=batch["attention_mask"].to(device),

@@ -15,7 +15,9 @@ from PIL import Image
 
 from mllm.config import IMAGE_PLACEHOLDER
 from mllm.data.encode import ConversationEncoder
+from mllm.data.errors import BadSampleError
 from mllm.data.instruction import encode_instructions, instruction_text
+from mllm.data.layout import ImageLayout
 from mllm.inference.images import as_image
 from mllm.model import load_tokenizer
 
@@ -40,8 +42,11 @@ class Conversation:
 
 
 class Processor:
-    """Turns `Conversation`s into `input_ids` / `attention_mask` / `pixel_values` / `image_counts` (and, for an
-    instruction-aware Q-Former, `qformer_input_ids` / `qformer_attention_mask`)."""
+    """Turns `Conversation`s into `input_ids` / `attention_mask` / `pixel_values` / `image_sizes` / `image_counts`
+    (and, for an instruction-aware Q-Former, `qformer_input_ids` / `qformer_attention_mask`).
+
+    `layout`: the model's `ImageLayout` (tiles, token counts and budgets exactly as in training); default: a square
+    layout of `image_tokens` per image."""
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class Processor:
         config: dict | None = None,
         instruction_tokenizer=None,
         instruction_max_tokens: int = 128,
+        layout: ImageLayout | None = None,
     ):
         self.config = config or {}
         """The checkpoint's saved config (template, run settings), when built from one."""
@@ -62,6 +68,7 @@ class Processor:
         self.vision = vision
         self.template = template
         self.image_tokens = image_tokens
+        self.layout = layout or ImageLayout.fixed(image_tokens)
         self.system_prompt = system_prompt
         self.max_length = max_length
         self.instruction_tokenizer = instruction_tokenizer
@@ -84,6 +91,7 @@ class Processor:
             if model.config.connector.instruction_aware
             else None,
             instruction_max_tokens=model.config.connector.instruction_max_tokens,
+            layout=model.image_layout,
         )
 
     @property
@@ -97,9 +105,9 @@ class Processor:
             return [{"role": "system", "content": self.system_prompt}, *messages]
         return list(messages)
 
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        """Token ids of the conversation followed by the assistant's generation prompt."""
-        ids, _ = self.encoder.encode(self.with_system(messages), add_generation_prompt=True)
+    def prompt_ids(self, messages: list[Message], image_tokens: list[int] | None = None) -> list[int]:
+        """Token ids of the conversation followed by the assistant's generation prompt (`image_tokens`: per image)."""
+        ids, _ = self.encoder.encode(self.with_system(messages), True, image_tokens)
         return list(ids)
 
     def stop_token_ids(self) -> list[int]:
@@ -123,25 +131,31 @@ class Processor:
                     f"conversation {i}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(conv.images)} image(s); "
                     "give one image per placeholder"
                 )
-            ids = self.prompt_ids(conv.messages)
+            opened = [as_image(im) for im in conv.images]
+            try:
+                image_tokens = self.layout.token_counts([im.size for im in opened])
+            except BadSampleError as e:
+                raise ValueError(f"conversation {i}: [{e.kind}] {e.reason}") from None
+            ids = self.prompt_ids(conv.messages, image_tokens)
             if self.max_length and len(ids) > self.max_length:
                 raise ValueError(
                     f"conversation {i}: the prompt is {len(ids)} tokens, longer than the checkpoint's max_length "
                     f"{self.max_length}; shorten it (in chat: /reset)"
                 )
             rows.append(ids)
-            images.extend(as_image(im) for im in conv.images)
+            images.extend(opened)
             counts.append(len(conv.images))
             instructions.extend([instruction_text(conv.messages)] * len(conv.images))
         width = max(len(r) for r in rows)
         # Left padding: every row's last prompt token sits at the same position, where generation continues.
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        pixel_values = self.vision.preprocess(images) if images else None
+        pixel_values, sizes = self.layout.pixels(images, self.vision.preprocess) if images else (None, None)
         batch = {
             "input_ids": input_ids,
             "attention_mask": mask,
-            "pixel_values": pixel_values,
+            "pixel_values": pixel_values,  # [tiles, 3, H, W]
+            "image_sizes": sizes,  # [images, 2]
             "image_counts": torch.tensor(counts, dtype=torch.long),
         }
         if self.instruction_tokenizer is not None and instructions:

@@ -52,7 +52,13 @@ def build_model(
     vision = build_vision_tower(cfg.vision, dtype=runtime.dtype, trust_remote_code=cfg.llm.trust_remote_code)
     llm = load_llm(cfg, runtime, load_4bit)
     llm.config.use_cache = False
-    connector = build_connector(cfg.connector, vision.hidden_size, vision.num_tokens, llm.config.hidden_size)
+    connector = build_connector(
+        cfg.connector,
+        vision.hidden_size,
+        vision.num_tokens,
+        llm.config.hidden_size,
+        image_newline=cfg.vision.image_aspect == "anyres",
+    )
     connector.to(torch.float32)
     # A connector that resolves sizes from elsewhere (a Q-Former's BERT init) states them: the checkpoint saves those.
     cfg = dataclasses.replace(cfg, connector=getattr(connector, "config", cfg.connector))

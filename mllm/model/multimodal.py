@@ -11,6 +11,7 @@ from transformers.utils import ModelOutput
 
 from mllm.config import IGNORE_INDEX, IMAGE_TOKEN_ID, ModelConfig
 from mllm.connectors.base import Connector
+from mllm.data.layout import ImageLayout, layout_for
 from mllm.vision.base import VisionTower
 
 LOSS_CHUNK = 2048
@@ -48,10 +49,18 @@ class MultimodalLM(nn.Module):
         self.loss_chunk_size: int | None = LOSS_CHUNK
         """Supervised positions per head + loss chunk in `supervised_loss` (None = all at once); training sets it
         from its run config, evaluation and benchmarks use the default: one loss path for all."""
+        mean = getattr(getattr(vision, "processor", None), "image_mean", None) or [0.0, 0.0, 0.0]
+        self.image_layout: ImageLayout = layout_for(
+            config.vision,
+            vision.image_size,
+            connector.num_tokens,
+            fill=tuple(int(round(255 * m)) for m in mean),
+        )
+        """How each image becomes tiles and visual tokens (`mllm.data.layout`); data, eval and chat all use it."""
 
     @property
     def num_image_tokens(self) -> int:
-        """Visual tokens each image occupies in the LLM sequence (known before any forward pass)."""
+        """Visual tokens of one tower tile (= of each image with `image_aspect` square or pad)."""
         return self.connector.num_tokens
 
     def encode_images(
@@ -61,7 +70,9 @@ class MultimodalLM(nn.Module):
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Images [I, 3, H, W] (or their precomputed tower features [I, N, Dv]) → visual tokens [I, K, D_llm].
+        """Tiles [T, 3, H, W] (or their precomputed tower features [T, N, Dv]) → visual tokens [T, K, D_llm].
+
+        One batched tower forward over every tile of every image; `arrange_images` then orders each image's tokens.
 
         An instruction-aware Q-Former also reads each image's instruction: `qformer_input_ids` / `_attention_mask`
         [I, T], in its own tokenizer's ids; other connectors never see them.
@@ -88,41 +99,75 @@ class MultimodalLM(nn.Module):
         features: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids [B, T] (image positions = IMAGE_TOKEN_ID) → input embeddings [B, T, D].
 
-        `features` [I, N, Dv] (e.g. from `mllm.data.features`) replace `pixel_values` for a frozen tower.
-        `qformer_input_ids` / `qformer_attention_mask` [I, L]: each image's instruction (see `encode_images`).
+        `pixel_values` [T, 3, H, W]: every tile of every image, image by image, in row-major token order;
+        `image_sizes` [I, 2]: the (width, height) each image was used at (needed when an image has several tiles);
+        `image_counts` [B]: images per row. `features` [T, N, Dv] (e.g. from `mllm.data.features`) replace
+        `pixel_values` for a frozen tower. `qformer_input_ids` / `qformer_attention_mask` [I, L]: each image's
+        instruction (see `encode_images`).
         """
         is_image = input_ids == IMAGE_TOKEN_ID  # [B, T]
         text_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.llm.get_input_embeddings()(text_ids)  # [B, T, D]
-        images = features if features is not None else pixel_values
-        self._check_image_positions(is_image, images, image_counts, sample_ids)
-        if images is None or images.shape[0] == 0:
+        tiles = features if features is not None else pixel_values
+        n_tiles = 0 if tiles is None else tiles.shape[0]
+        sizes = self._image_sizes(image_sizes, n_tiles)
+        self._check_image_positions(is_image, sizes, image_counts, sample_ids)
+        if n_tiles == 0:
             return embeds
         visual = self.encode_images(pixel_values, features, qformer_input_ids, qformer_attention_mask)
-        visual = visual.to(embeds.dtype)  # [I, K, D]
-        return embeds.masked_scatter(is_image.unsqueeze(-1), visual)  # row-major: image i fills its K slots
+        visual = self.arrange_images(visual.to(embeds.dtype), sizes)  # [sum of k_i, D]
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual)  # row-major: image i fills its k_i slots
 
-    def _check_image_positions(self, is_image, pixel_values, image_counts, sample_ids) -> None:
-        k = self.num_image_tokens
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        per_row = is_image.sum(dim=1)
-        if image_counts is not None:
-            expected = image_counts.to(per_row.device) * k
-            bad = (per_row != expected).nonzero().flatten().tolist()
-            if bad:
-                b = bad[0]
-                who = sample_ids[b] if sample_ids is not None else f"batch row {b}"
+    def arrange_images(self, tiles: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """Connector output of every tile [T, K, D] → every image's visual tokens, one after another [sum k_i, D]."""
+        layout = self.image_layout
+        if all(layout.num_tiles(s) == 1 for s in sizes) and layout.aspect != "anyres":
+            return tiles.flatten(0, 1)  # one tile per image, its K tokens as they come
+        per_image = tiles.split([layout.num_tiles(s) for s in sizes])
+        newline = getattr(self.connector, "image_newline", None)
+        return torch.cat([layout.arrange(t, s, newline) for t, s in zip(per_image, sizes, strict=True)])
+
+    def _image_sizes(self, image_sizes: torch.Tensor | None, n_tiles: int) -> list[tuple[int, int]]:
+        """The (width, height) of each image in the batch; without `image_sizes`, every tile is an image."""
+        layout = self.image_layout
+        if image_sizes is None:
+            if layout.aspect == "anyres" and n_tiles:
                 raise ValueError(
-                    f"sample {who}: {int(per_row[b])} image-token positions but {int(image_counts[b])} image(s) "
-                    f"× {k} tokens = {int(expected[b])}; each <image> placeholder needs exactly one image"
+                    "image_aspect anyres: the batch needs image_sizes to arrange each image's tiles"
                 )
-        if int(per_row.sum()) != n_images * k:
+            return [(layout.tile_size, layout.tile_size)] * n_tiles
+        sizes = [(int(w), int(h)) for w, h in image_sizes.tolist()]
+        tiles = sum(layout.num_tiles(s) for s in sizes)
+        if tiles != n_tiles:
             raise ValueError(
-                f"batch has {int(per_row.sum())} image-token positions but {n_images} image(s) × {k} tokens; "
-                "each <image> placeholder needs exactly one image"
+                f"batch has {n_tiles} image tile(s) but its {len(sizes)} image size(s) call for {tiles} under "
+                f"image_aspect={layout.aspect}; the pixels were not made by this model's image layout"
+            )
+        return sizes
+
+    def _check_image_positions(self, is_image, sizes, image_counts, sample_ids) -> None:
+        counts = [self.image_layout.num_tokens(s) for s in sizes]
+        per_row = is_image.sum(dim=1).tolist()
+        if image_counts is not None:
+            start = 0
+            for b, n in enumerate(image_counts.tolist()):
+                expected = sum(counts[start : start + n])
+                if per_row[b] != expected:
+                    who = sample_ids[b] if sample_ids is not None else f"batch row {b}"
+                    raise ValueError(
+                        f"sample {who}: {per_row[b]} image-token positions but its {n} image(s) need "
+                        f"{counts[start : start + n]} = {expected}; each <image> placeholder needs exactly one "
+                        "image, encoded with the model's image layout"
+                    )
+                start += n
+        if sum(per_row) != sum(counts):
+            raise ValueError(
+                f"batch has {sum(per_row)} image-token positions but its {len(counts)} image(s) need "
+                f"{sum(counts)}; each <image> placeholder needs exactly one image"
             )
 
     def forward(
@@ -139,14 +184,16 @@ class MultimodalLM(nn.Module):
         loss_chunk_size: int | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **llm_kwargs,
     ) -> MultimodalOutput:
         """A batch of token rows with their images → the loss over supervised tokens (and logits on request).
 
-        In: `input_ids` [B, T] (K image-token ids per image), `attention_mask` [B, T] (1 = real token) for padded rows
-        or `position_ids` [B, T] (restarting at 0 per sample) for packed ones, `labels` [B, T] (IGNORE_INDEX where nothing is learnt),
-        `pixel_values` [I, 3, H, W] for the batch's I images in row order (or `features` [I, N, Dv], a frozen
-        tower's cached output), `image_counts` [B] images per row and `sample_ids` (to name a bad sample).
+        In: `input_ids` [B, T] (each image's visual-token ids), `attention_mask` [B, T] (1 = real token) for padded
+        rows or `position_ids` [B, T] (restarting at 0 per sample) for packed ones, `labels` [B, T] (IGNORE_INDEX
+        where nothing is learnt), `pixel_values` [T, 3, H, W] for the batch's tiles (one per image unless anyres) in
+        row order (or `features` [T, N, Dv], a frozen tower's cached output), `image_sizes` [I, 2] (anyres),
+        `image_counts` [B] images per row and `sample_ids` (to name a bad sample).
         Out: `MultimodalOutput` with `loss` (mean), `loss_sum` and `num_tokens` (so that gradient accumulation
         divides by all supervised tokens of a step, not by micro-batches), and `logits` [B, T, V] if
         `return_logits` (kept off in training: the loss is chunked instead, `loss_chunk_size`).
@@ -159,6 +206,7 @@ class MultimodalLM(nn.Module):
             features,
             qformer_input_ids,
             qformer_attention_mask,
+            image_sizes,
         )  # [B, T, D]
         hidden = self.llm.get_decoder()(
             inputs_embeds=embeds,

@@ -100,6 +100,9 @@ class BlankImageRow:
     image_key: str = "pixel_values"
     instruction_pad_id: int | None = None
     """An instruction-aware Q-Former's pad id: the blank image then gets an empty instruction."""
+    blank_size: tuple[int, int] | None = None
+    """The (width, height) the blank image has in `image_sizes` (batches with sizes); it has `tiles` tiles."""
+    tiles: int = 1
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if batch.get(self.image_key) is not None and batch[self.image_key].shape[0] > 0:
@@ -139,7 +142,10 @@ class BlankImageRow:
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "labels": widen(batch["labels"], IGNORE_INDEX),
-            self.image_key: torch.zeros((1, *self.image_shape)),
+            self.image_key: torch.zeros((self.tiles, *self.image_shape)),
+            "image_sizes": None
+            if self.blank_size is None
+            else torch.tensor([self.blank_size], dtype=torch.long),
             "image_counts": torch.cat([batch["image_counts"], torch.ones(1, dtype=torch.long)]),
         }  # sample_ids and sample_lengths keep naming only the real samples
 
@@ -159,7 +165,7 @@ def build_train_data(
             f"{cfg.llm}: the tokenizer has no pad token; set pad_token in its tokenizer_config.json"
         )
     dataset = build_dataset(
-        recipe, tokenizer, model.num_image_tokens, model.vision.preprocess, seed=cfg.seed, progress=progress
+        recipe, tokenizer, model.image_layout, model.vision.preprocess, seed=cfg.seed, progress=progress
     )
     found_while_reading = dataset.skipped()  # the same on every rank
     dataset.skip_log = str(Path(cfg.output) / SKIPPED_FILE)
@@ -215,8 +221,18 @@ def build_train_data(
         )
     else:
         pixel_shape = tuple(model.vision.preprocess([Image.new("RGB", (8, 8))]).shape[1:])
+        layout = model.image_layout
+        side = (
+            layout.tile_size,
+            layout.tile_size,
+        )  # a blank tower-sized square: one tile, or a thumbnail + one
         blank = BlankImageRow(
-            tokenizer.pad_token_id, model.num_image_tokens, pixel_shape, instruction_pad_id=instruction_pad_id
+            tokenizer.pad_token_id,
+            layout.num_tokens(side),
+            pixel_shape,
+            instruction_pad_id=instruction_pad_id,
+            blank_size=side,
+            tiles=layout.num_tiles(side),
         )
     return TrainData(recipe, dataset, sampler, loader, blank, items, fill_s)
 
@@ -308,6 +324,7 @@ class BatchStream:
 
 MODEL_INPUTS = (
     "input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "features", "image_counts", "sample_ids",
+    "image_sizes",
     "qformer_input_ids", "qformer_attention_mask",  # an instruction-aware Q-Former's instruction text
 )  # fmt: skip
 """The keys of a micro-batch that `MultimodalLM.forward` takes (the rest is accounting: sample lengths, images)."""

@@ -39,6 +39,20 @@ class TrainConfig:
     """Average-pool the patch grid by this factor per side (fewer visual tokens)."""
     train_vision: bool = False
     """Also train the vision tower (frozen unless asked)."""
+    image_aspect: Literal["square", "pad", "anyres"] = "square"
+    """How images meet the tower's square input: square (squashed/cropped by its processor), pad (to a square
+    first) or anyres (LLaVA-NeXT tiles + thumbnail, mlp connector). See docs/images.md."""
+    grid_pinpoints: str = ""
+    """anyres: grid resolutions as HEIGHTxWIDTH pixels, comma-separated (e.g. 672x336,336x672,672x672); empty =
+    every grid of at most --max-tiles tiles."""
+    max_tiles: int = 4
+    """anyres without --grid-pinpoints: the most tiles an image is cut into (plus its thumbnail)."""
+    min_pixels: int = 0
+    """Images with fewer pixels are upscaled to this many (aspect kept); 0 = off."""
+    max_pixels: int = 0
+    """Images with more pixels are downscaled to this many (aspect kept); 0 = off."""
+    max_image_tokens: int = 0
+    """A sample whose images need more visual tokens is skipped and reported by id; 0 = no limit."""
     llm: str = ""
     """Causal LM: HF model id or directory (taken from --init-from when empty in stage 2)."""
     trust_remote_code: bool = False
@@ -58,6 +72,9 @@ class TrainConfig:
     """Connector kind from the `mllm.connectors` registry: mlp, qformer, resampler."""
     projector: str = "mlp2x_gelu"
     """For the mlp connector: `linear` or `mlpNx_gelu`."""
+    pixel_shuffle: int = 1
+    """For the mlp connector: merge s×s neighbouring patches into one token of s² width before projecting (s² fewer
+    visual tokens; Idefics3 / nanoVLM). 1 = off; s must divide the tower's patch grid side."""
     num_queries: int = 32
     """For qformer / resampler: learned queries = visual tokens per image."""
     connector_layers: int = 2
@@ -174,6 +191,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m for m in self.lora_target_modules.split(",") if m]
+        parse_pinpoints(self.grid_pinpoints)  # a malformed --grid-pinpoints fails here, by name
         check(self)
 
     def check_complete(self) -> None:
@@ -195,10 +213,17 @@ class TrainConfig:
                 feature_layer=self.vision_feature_layer,
                 pool=self.vision_pool,
                 trainable="full" if self.train_vision else "frozen",
+                image_aspect=self.image_aspect,
+                grid_pinpoints=parse_pinpoints(self.grid_pinpoints),
+                max_tiles=self.max_tiles,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+                max_image_tokens=self.max_image_tokens,
             ),
             connector=ConnectorConfig(
                 kind=self.connector,
                 projector=self.projector,
+                pixel_shuffle=self.pixel_shuffle,
                 num_queries=self.num_queries,
                 num_layers=self.connector_layers,
                 hidden_size=self.connector_width,
@@ -281,6 +306,11 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(lambda c: c.max_tokens >= 0, "max_tokens must be >= 0 (0 = no token budget)"),
     Rule(
+        lambda c: not c.feature_cache or (c.image_aspect == "square" and not (c.min_pixels or c.max_pixels)),
+        "--feature-cache stores one tower output per image file; with --image-aspect pad/anyres or a pixel budget "
+        "the tower sees other pixels: drop --feature-cache",
+    ),
+    Rule(
         lambda c: c.grad_accum >= 0 and c.global_batch_size >= 1,
         "grad_accum must be >= 0 and global_batch_size >= 1",
     ),
@@ -321,6 +351,17 @@ def check(cfg: TrainConfig) -> None:
     for rule in RULES:
         if not rule.holds(cfg):
             raise ValueError(rule.message.format_map(vars(cfg)))
+
+
+def parse_pinpoints(text: str) -> list[list[int]]:
+    """`672x336,336x672` → [[672, 336], [336, 672]] ((height, width) pairs); empty → []."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        h, sep, w = part.lower().partition("x")
+        if not (sep and h.isdigit() and w.isdigit()):
+            raise ValueError(f"grid_pinpoints: {part!r} is not HEIGHTxWIDTH (e.g. 672x336)")
+        pairs.append([int(h), int(w)])
+    return pairs
 
 
 STAGE_PRESETS: dict[int, dict[str, Any]] = {

@@ -53,8 +53,12 @@ def fill_from_init(cfg: TrainConfig) -> TrainConfig:
         vision_kind=saved.vision.kind,
         vision_feature_layer=saved.vision.feature_layer,
         vision_pool=saved.vision.pool,
+        image_aspect=saved.vision.image_aspect,  # stage 1's connector (and its image_newline) was trained on it
+        grid_pinpoints=",".join(f"{h}x{w}" for h, w in saved.vision.grid_pinpoints),
+        max_tiles=saved.vision.max_tiles,
         connector=saved.connector.kind,
         projector=saved.connector.projector,
+        pixel_shuffle=saved.connector.pixel_shuffle,
         num_queries=saved.connector.num_queries,
         connector_layers=saved.connector.num_layers,
         connector_width=saved.connector.hidden_size,

@@ -107,7 +107,7 @@ def hostile_lines(corpus: Corpus, bad_images: dict[str, str]) -> list[bytes]:
     add("10k-placeholders-1-image", "image_count_mismatch", {"image": "ok.png", "conversations": turns(many)})
     add(
         "10k-placeholders-10k-images",
-        "answer_truncated",
+        "images_do_not_fit",
         {"image": ["ok.png"] * 10_000, "conversations": turns(many)},
     )
     add("1mb-question", "answer_truncated", {"conversations": turns("word " * 200_000 + "?")})
