@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     show = sub.add_parser("show", help="print samples as the model sees them, supervised spans marked")
     for q in (check, show):
-        q.add_argument("recipe", help="recipe YAML, or a bare .json/.jsonl data file")
+        q.add_argument("recipe", help="recipe YAML, or a bare data file (.json/.jsonl, webdataset shards …)")
         q.add_argument("--tokenizer", required=True, help="the LLM's tokenizer (HF directory or id)")
         q.add_argument(
             "--image-tokens",

@@ -18,7 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoint", help="checkpoint directory (or a training output directory: its newest checkpoint)"
     )
-    p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL file, or a data recipe YAML")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a data file (LLaVA JSON/JSONL, webdataset shards …) or a data recipe YAML",
+    )
     p.add_argument(
         "--task",
         choices=["generate", "retrieval", "alignment"],
