@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -63,19 +65,10 @@ def image_size(ref: ImageRef, root: str, max_pixels: int) -> tuple[int, int]:
             raise BadSampleError("missing_image", f"image {ref!r} not found (looked for {fp})")
     else:
         raise BadSampleError("bad_image_path", f"expected an image path or bytes, got {type(ref).__name__}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                _check_size(img, max_pixels, what)
-                w, h = img.size
-                return (h, w) if _orientation(img) in _SWAPS_SIDES else (w, h)
-    except Image.DecompressionBombError as e:
-        raise BadSampleError("oversized_image", f"{what}: {e}") from None
-    except BadSampleError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadSampleError("unreadable_image", f"{what}: cannot decode ({type(e).__name__}: {e})") from None
+    with _decoding(what), Image.open(fp) as img:
+        _check_size(img, max_pixels, what)
+        w, h = img.size
+        return (h, w) if _orientation(img) in _SWAPS_SIDES else (w, h)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -91,21 +84,28 @@ def _orientation(img: Image.Image) -> int:
     return img.getexif().get(0x0112, 1)
 
 
-def _decode(fp, max_pixels: int, what: str) -> Image.Image:
+@contextlib.contextmanager
+def _decoding(what: str) -> Iterator[None]:
+    """Reading an image file: PIL's own size warnings off (we enforce our own limit, `_check_size`), and its
+    errors turned into BadSampleError naming `what` (oversized, or unreadable with PIL's reason)."""
     try:
         with warnings.catch_warnings():
-            # we enforce our own limit below; PIL's global one must not print warnings for sizes we accept
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-            _check_size(img, max_pixels, what)
-            img.load()
-            return _finish(img, max_pixels, what)  # EXIF and mode conversion read the file too: same guard
+            yield
     except Image.DecompressionBombError as e:
         raise BadSampleError("oversized_image", f"{what}: {e}") from None
     except BadSampleError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSampleError("unreadable_image", f"{what}: cannot decode ({type(e).__name__}: {e})") from None
+
+
+def _decode(fp, max_pixels: int, what: str) -> Image.Image:
+    with _decoding(what):
+        img = Image.open(fp)
+        _check_size(img, max_pixels, what)
+        img.load()
+        return _finish(img, max_pixels, what)  # EXIF and mode conversion read the file too: same guard
 
 
 def _check_size(img: Image.Image, max_pixels: int, what: str) -> None:

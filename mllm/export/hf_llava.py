@@ -185,8 +185,18 @@ def export_hf_llava(
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
     hf, _ = build_llava(model, tokenizer)
-    processor = LlavaProcessor(
-        image_processor=model.vision.processor,
+    return write_llava_dir(
+        hf, LlavaProcessor, model.vision.processor, model, config, tokenizer, template_jinja, out
+    )
+
+
+def write_llava_dir(
+    hf, processor_cls, image_processor, model, config: dict, tokenizer, template_jinja: str | None, out: Path
+) -> Path:
+    """Save a built transformers LLaVA(-NeXT) model `hf` and its `processor_cls` (`image_processor` + `tokenizer`,
+    the image token, the chat template) into `out`."""
+    processor = processor_cls(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=model.vision.model.config.patch_size,
         vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
@@ -196,5 +206,5 @@ def export_hf_llava(
     )
     hf.save_pretrained(out)
     processor.save_pretrained(out)
-    log.info("wrote transformers LLaVA directory %s", out)
+    log.info("wrote transformers %s directory %s", type(hf).__name__, out)
     return out

@@ -18,9 +18,9 @@ import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from mllm.config import IMAGE_PLACEHOLDER, ModelConfig
+from mllm.config import ModelConfig
 from mllm.export import hf_llava
-from mllm.export.hf_llava import ExportError, add_image_token, finish_export, processor_chat_template
+from mllm.export.hf_llava import ExportError, add_image_token, finish_export, write_llava_dir
 from mllm.export.merge import merge_lora
 
 log = logging.getLogger(__name__)
@@ -118,16 +118,6 @@ def export_hf_llava_next(
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
     hf, _ = build_llava_next(model, tokenizer)
-    processor = LlavaNextProcessor(
-        image_processor=image_processor(model),
-        tokenizer=tokenizer,
-        patch_size=model.vision.model.config.patch_size,
-        vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
-        chat_template=processor_chat_template(template_jinja, config.get("system_prompt")),
-        image_token=IMAGE_PLACEHOLDER,
-        num_additional_image_tokens=model.vision.num_prefix,
+    return write_llava_dir(
+        hf, LlavaNextProcessor, image_processor(model), model, config, tokenizer, template_jinja, out
     )
-    hf.save_pretrained(out)
-    processor.save_pretrained(out)
-    log.info("wrote transformers LLaVA-NeXT directory %s", out)
-    return out
