@@ -160,7 +160,7 @@ def test_bad_eval_data_gets_one_line(setup, tmp_path, capsys):
 
 def test_eval_folds_lora_adapters_unless_asked_to_keep_them(setup, tmp_path, backbones, monkeypatch):
     """`mllm eval` merges a LoRA checkpoint's adapters before answering (same predictions); --keep-adapters does not."""
-    import mllm.inference
+    import mllm.export.merge
     from mllm.cli import main
     from mllm.config import ConnectorConfig, LLMConfig, LoraSettings, ModelConfig, VisionConfig
 
@@ -173,8 +173,8 @@ def test_eval_folds_lora_adapters_unless_asked_to_keep_them(setup, tmp_path, bac
     )
     ckpt = make_checkpoint(tmp_path / "lora", cfg, seed=3)
     merged = []
-    real_merge = mllm.inference.merge_lora
-    monkeypatch.setattr(mllm.inference, "merge_lora", lambda model: merged.append(1) or real_merge(model))
+    real_merge = mllm.export.merge.merge_lora
+    monkeypatch.setattr(mllm.export.merge, "merge_lora", lambda model: merged.append(1) or real_merge(model))
     predictions = {}
     for name, extra in (("merged", []), ("kept", ["--keep-adapters"])):
         out = tmp_path / name

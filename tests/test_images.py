@@ -373,9 +373,8 @@ def test_anyres_trains_both_stages_and_reports_refused_samples(backbones, tmp_pa
 
 
 def test_data_check_and_show_cli_with_anyres(tmp_path, capsys):
-    from mllm.testing.tokenizers import make_tokenizer
-
     from mllm.cli import main
+    from mllm.testing.tokenizers import make_tokenizer
 
     data = write_data(tmp_path)
     make_tokenizer("qwen2").save_pretrained(tmp_path / "tok")

@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput
 
 from mllm.config import ModelConfig
 from mllm.connectors.qformer import QFormerConnector
+from mllm.data.layout import ImageLayout
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class QFormerPretrainer(nn.Module):
         self.gather_rows = single_process_rows
         """rows [R, ...] → (all processes' rows, where this one's start); training sets the distributed one."""
         self.pad_id = connector.tokenizer.pad_token_id
+        self.image_layout = ImageLayout.fixed(0)
+        """One square tile per image and no visual tokens in the text: captions are the Q-Former's own input."""
 
     @property
     def num_image_tokens(self) -> int:
@@ -135,6 +138,7 @@ class QFormerPretrainer(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,  # padding is read from the ids (the pad id is never text)
         labels: torch.Tensor | None = None,  # the captions are the targets
+        image_sizes: torch.Tensor | None = None,  # one square tile per image: sizes change nothing
     ) -> PretrainOutput:
         check_caption_batch(input_ids, image_counts, position_ids, sample_ids)
         feats = self.image_features(pixel_values, features)  # [B, N, Dv]
