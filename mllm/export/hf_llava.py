@@ -124,11 +124,15 @@ def add_image_token(tokenizer, llm) -> int:
     return image_id
 
 
-def _llava_state_dict(model) -> dict[str, torch.Tensor]:
-    connector = model.connector.state_dict()
+def llava_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' LLaVA names; an AnyRes connector's `image_newline` goes to the model's
+    own `model.image_newline` (LLaVA-NeXT), not the projector."""
+    connector = {k: v for k, v in model.connector.state_dict().items() if k != "image_newline"}
     sd = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
     sd.update({f"model.multi_modal_projector.{k}": v for k, v in connector.items()})
     sd.update({f"model.language_model.{k}": v for k, v in model.llm.get_decoder().state_dict().items()})
+    if hasattr(model.connector, "image_newline"):
+        sd["model.image_newline"] = model.connector.image_newline.detach()
     sd["lm_head.weight"] = model.llm.get_output_embeddings().weight
     return sd
 
@@ -157,7 +161,7 @@ def build_llava(model, tokenizer) -> tuple[LlavaForConditionalGeneration, int]:
     )
     with torch.device("meta"):
         hf = LlavaForConditionalGeneration(config)
-    return finish_export(hf, _llava_state_dict(model), llm, image_id), image_id
+    return finish_export(hf, llava_state_dict(model), llm, image_id), image_id
 
 
 def finish_export(hf, state_dict: dict[str, torch.Tensor], llm, image_id: int):

@@ -20,7 +20,13 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 from mllm.config import ModelConfig
 from mllm.export import hf_llava
-from mllm.export.hf_llava import ExportError, add_image_token, finish_export, write_llava_dir
+from mllm.export.hf_llava import (
+    ExportError,
+    add_image_token,
+    finish_export,
+    llava_state_dict,
+    write_llava_dir,
+)
 from mllm.export.merge import merge_lora
 
 log = logging.getLogger(__name__)
@@ -60,16 +66,6 @@ def check_exportable(cfg: ModelConfig, model=None, template_jinja: str | None = 
         )
 
 
-def _state_dict(model) -> dict[str, torch.Tensor]:
-    connector = {k: v for k, v in model.connector.state_dict().items() if k != "image_newline"}
-    sd = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
-    sd.update({f"model.multi_modal_projector.{k}": v for k, v in connector.items()})
-    sd.update({f"model.language_model.{k}": v for k, v in model.llm.get_decoder().state_dict().items()})
-    sd["model.image_newline"] = model.connector.image_newline.detach()
-    sd["lm_head.weight"] = model.llm.get_output_embeddings().weight
-    return sd
-
-
 def build_llava_next(model, tokenizer) -> tuple[LlavaNextForConditionalGeneration, int]:
     """Our AnyRes `MultimodalLM` as a `LlavaNextForConditionalGeneration` with identical weights (LoRA merged)."""
     if model.config.llm.mode == "lora":
@@ -90,7 +86,7 @@ def build_llava_next(model, tokenizer) -> tuple[LlavaNextForConditionalGeneratio
     )
     with torch.device("meta"):
         hf = LlavaNextForConditionalGeneration(config)
-    return finish_export(hf, _state_dict(model), llm, image_id), image_id
+    return finish_export(hf, llava_state_dict(model), llm, image_id), image_id
 
 
 def image_processor(model) -> LlavaNextImageProcessorPil:
