@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,18 @@ def backbones(tmp_path_factory) -> dict[str, str]:
     from mllm.testing import make_all
 
     return make_all(str(tmp_path_factory.mktemp("backbones")))
+
+
+@pytest.fixture(scope="session")
+def demo_backbones(tmp_path_factory) -> Path:
+    """The demo's backbones folder, SmolLM2 fetched into it (converted from its GGUF, ~40 s) once per session:
+    the fetch test checks that fresh write, and the quick demo runs on it."""
+    from mllm.demo.pipeline import LLM_NAME
+    from mllm.fetch import fetch
+
+    folder = tmp_path_factory.mktemp("demo-backbones")
+    fetch(LLM_NAME, str(folder / LLM_NAME))
+    return folder
 
 
 @pytest.fixture

@@ -230,14 +230,15 @@ def test_both_sides_train_the_same_parameters(tmp_path, row):
 def test_bench_quick_runs_mllm_train_against_the_reference(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--quick", "--rows", "stage1,lora"]
+    # one row: every row runs the same two sides (the LoRA row's settings are checked above without a run)
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--quick", "--rows", "stage1"]
     proc = subprocess.run(
         cmd + ["--output", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "samples/s mllm / reference: median" in proc.stdout and "verdict:" in proc.stdout
     result = json.loads(out.read_text())
-    assert set(result["rows"]) == {"stage1", "lora"} and result["rounds"] == 1
+    assert set(result["rows"]) == {"stage1"} and result["rounds"] == 1
     for name, row in result["rows"].items():
         (rd,) = row["rounds"]
         for side in ("reference", "mllm"):

@@ -15,15 +15,13 @@ QUICK = demo_settings("quick")
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory, request):
-    """Run `mllm demo --quick` once (real EfficientNet-Lite0 + SmolLM2, a few steps); the fetched LLM is cached
-    in pytest's cache folder so that reruns skip the GGUF conversion."""
+def quick_demo(tmp_path_factory, demo_backbones):
+    """Run `mllm demo --quick` once (real EfficientNet-Lite0 + SmolLM2, a few steps) on the session's fetched LLM."""
     from mllm.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "run"
-    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
-    backbones = cache.mkdir("mllm-backbones") if cache else tmp_path_factory.mktemp("backbones")
-    assert main(["demo", "--quick", "--output", str(out), "--backbones", str(backbones), "--quiet"]) == 0
+    argv = ["demo", "--quick", "--output", str(out), "--backbones", str(demo_backbones), "--quiet"]
+    assert main(argv) == 0
     return out
 
 
@@ -48,13 +46,9 @@ def test_quick_demo_writes_every_phase_and_the_results_schema(quick_demo, capsys
         "fetch",
         "data",
         "stage1",
-        "eval_stage1_val",
-        "eval_stage1_test",
+        "eval_stage1",
         "stage2",
-        "eval_val",
-        "eval_val_turns",
-        "eval_test",
-        "eval_test_turns",
+        "eval_stage2",
         "eval_test_blind",
     }
     assert results["settings"]["schedule"] == "quick" and results["settings"]["connector"] == "mlp"
@@ -65,7 +59,9 @@ def test_quick_demo_writes_every_phase_and_the_results_schema(quick_demo, capsys
         "stage2/summary.json",
         "eval_test/scores.json",
         "eval_val_turns/scores.json",
+        "eval_stage1_val/scores.json",
         "logs/stage2.log",
+        "logs/eval_stage2.log",
     ):
         assert (out / path).is_file(), path
     assert list((out / "stage2").glob("checkpoint-*/COMPLETE"))

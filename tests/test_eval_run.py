@@ -81,6 +81,39 @@ def test_eval_reports_the_known_accuracy(setup, tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
 
 
+def test_several_data_files_load_the_model_once_and_score_each_as_alone(setup, tmp_path, monkeypatch, capsys):
+    import mllm.inference as inference
+    from mllm.cli import main
+
+    ckpt, data, _ = setup
+    records = json.loads(data.read_text())
+    (tmp_path / "shapes.json").write_text(json.dumps(records[0::2]))  # the three shape questions: all right
+    second = tmp_path / "other"
+    second.mkdir()
+    (second / "qa.json").write_text(json.dumps(records[1::2]))  # the colour ones: 1 of 3
+    loads = []
+    real = inference.load_pretrained
+    monkeypatch.setattr(inference, "load_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    files = [str(data), str(tmp_path / "shapes.json"), str(second / "qa.json")]
+    out = tmp_path / "out"
+    argv = ["eval", ckpt, "--data", *files, "--output", str(out), "--image-root", str(data.parent)]
+    argv += ["--max-new-tokens", "4", "--batch-size", "4"]
+    assert main(argv) == 2  # qa.json twice
+    assert "['qa'] would write to the same --output sub-directory" in capsys.readouterr().err
+    assert loads == []  # refused before any model load
+    assert main(argv[:3] + files[1:] + argv[6:]) == 0
+    assert len(loads) == 1
+    shapes, colours = (json.loads((out / name / "scores.json").read_text()) for name in ("shapes", "qa"))
+    assert (shapes["n"], shapes["vqa_accuracy"]) == (3, 100.0)
+    assert (colours["n"], colours["vqa_accuracy"]) == (3, pytest.approx(100 / 3))
+    assert colours["run"]["data"] == str(second / "qa.json")
+    paired = [str(tmp_path / "a"), str(tmp_path / "b")]  # one --output per file, in their order
+    assert main(argv[:3] + files[1:] + ["--output", *paired] + argv[8:]) == 0
+    assert json.loads((tmp_path / "b" / "scores.json").read_text()) | {"run": 0} == colours | {"run": 0}
+    assert main(argv[:3] + files[1:] + ["--output", "x", "y", "z"] + argv[8:]) == 2
+    assert "3 directories for 2 --data files" in capsys.readouterr().err
+
+
 def test_swap_images_shows_every_sample_another_image(setup, tmp_path):
     from mllm.cli import main
 

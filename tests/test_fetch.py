@@ -13,15 +13,14 @@ from mllm.fetch import MARKER, GGUFSource, fetch, locate_gguf
 
 @pytest.mark.slow
 @pytest.mark.demo
-def test_fetch_writes_a_loadable_hf_directory_that_answers_and_is_cached(tmp_path):
+def test_fetch_writes_a_loadable_hf_directory_that_answers_and_is_cached(demo_backbones):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = str(tmp_path / "smollm2")
-    assert fetch("smollm2-135m-instruct", out) == out
+    out = str(demo_backbones / "smollm2-135m-instruct")  # written afresh by the session's one fetch
     assert os.path.isfile(os.path.join(out, "model.safetensors")) and os.path.isfile(
         os.path.join(out, MARKER)
     )
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".fetch-")]  # no temporary folder left behind
+    assert not [n for n in os.listdir(demo_backbones) if n.startswith(".fetch-")]  # no temporary folder left
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # the plain path, no gguf_file
@@ -38,7 +37,7 @@ def test_fetch_writes_a_loadable_hf_directory_that_answers_and_is_cached(tmp_pat
 
     stamp = os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns
     start = time.monotonic()
-    fetch("smollm2-135m-instruct", out)  # complete already: kept as is
+    assert fetch("smollm2-135m-instruct", out) == out  # complete already: kept as is
     assert (
         time.monotonic() - start < 2 and os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns == stamp
     )

@@ -206,6 +206,7 @@ def two_nodes(cmd: list[str], hostfile: Path, port: int) -> list[tuple[int, str]
     """`cmd` on two "nodes" of this machine: one `deepspeed --no_ssh` launcher per node rank, as each node of a
     cluster job runs it (README: multi-node), one process each."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"  # two "nodes" share this machine's cores, which real nodes would not
     where = [
         "--hostfile",
         str(hostfile),

@@ -11,12 +11,10 @@ import os
 import random
 
 import numpy as np
-import torch
 from PIL import Image
 
 from mllm.config import IMAGE_PLACEHOLDER
-from mllm.testing.backbones import TinySize, make_vision
-from mllm.testing.tokenizers import make_tokenizer
+from mllm.testing.backbones import TinySize, make_llm, make_vision
 
 _WORDS = "the a image shows dog cat red blue table window sky people small large left right two three".split()
 
@@ -25,37 +23,13 @@ def _text(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."
 
 
-def _make_llm(out: str, size: TinySize, seed: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = make_tokenizer("llama", size.vocab)
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=size.llm_hidden,
-        intermediate_size=2 * size.llm_hidden,
-        num_hidden_layers=size.llm_layers,
-        num_attention_heads=size.llm_heads,
-        num_key_value_heads=size.llm_kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-
-
 def make_tiny_work(out: str, samples: int = 24, seed: int = 0) -> str:
     """Write the tiny work to `out` (idempotent per call: files are overwritten) and return `out`."""
     rng = random.Random(seed)
     size = TinySize()
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     make_vision("clip", os.path.join(out, "vision"), size, seed=seed)
-    _make_llm(os.path.join(out, "llm"), size, seed)
+    make_llm("llama", os.path.join(out, "llm"), size, seed, IMAGE_PLACEHOLDER, tie_word_embeddings=False)
     g = np.random.default_rng(seed)
     for i in range(samples):
         Image.fromarray(g.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(

@@ -14,7 +14,7 @@ import shlex
 import sys
 
 from mllm.cli import UserError
-from mllm.cli.options import add_no_verify, add_trust_remote_code
+from mllm.cli.options import add_model_arguments, load_model
 
 HELP = """commands:
   /image PATH [PATH ...]  attach image(s) to your next message (several per turn are fine)
@@ -25,45 +25,6 @@ HELP = """commands:
   /quit                   leave (Ctrl-D too)"""
 
 PROMPT = ">>> "
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The checkpoint and how to load it: shared by `mllm chat` and `mllm serve`."""
-    p.add_argument(
-        "checkpoint", help="checkpoint directory (or a training output directory: its newest checkpoint)"
-    )
-    p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit (bitsandbytes NF4)")
-    p.add_argument(
-        "--keep-adapters",
-        action="store_true",
-        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, which runs faster)",
-    )
-    p.add_argument(
-        "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="override the checkpoint's compute dtype"
-    )
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    add_trust_remote_code(p)
-    add_no_verify(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def load_model(args: argparse.Namespace):
-    """`(model, processor)` for the options of `add_model_arguments`; a bad checkpoint is a one-line UserError."""
-    from mllm.checkpoint import CheckpointError
-    from mllm.inference import load_pretrained
-
-    try:
-        return load_pretrained(
-            args.checkpoint,
-            dtype=args.dtype,
-            device=args.device,
-            load_4bit=args.load_4bit,
-            merge_adapters=not args.keep_adapters,
-            trust_remote_code=args.trust_remote_code,
-            verify_hashes=not args.no_verify,
-        )
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

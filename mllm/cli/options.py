@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mllm.cli import UserError
+
 TRUST_REMOTE_CODE_HELP = (
     "run Python code shipped inside the checkpoint's vision/LLM model folders (transformers' trust_remote_code); "
     "off by default, and a checkpoint's own config cannot turn it on"
@@ -38,3 +40,43 @@ def add_no_verify(p: argparse.ArgumentParser) -> None:
         "(hashing adds ~10%% to reading them; see docs/reliability.md). Sizes are still checked, and "
         "every weight must still be finite",
     )
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and how to load it: shared by `mllm chat`, `mllm serve` and `mllm eval`."""
+    p.add_argument(
+        "checkpoint", help="checkpoint directory (or a training output directory: its newest checkpoint)"
+    )
+    p.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit (bitsandbytes NF4)")
+    p.add_argument(
+        "--keep-adapters",
+        action="store_true",
+        help="run LoRA adapters unmerged (default: folded into the bf16/fp32 base in memory, which runs faster)",
+    )
+    p.add_argument(
+        "--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="override the checkpoint's compute dtype"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    add_trust_remote_code(p)
+    add_no_verify(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def load_model(args: argparse.Namespace):
+    """`(model, processor)` for the options of `add_model_arguments`; a bad checkpoint is a one-line UserError."""
+    # imported when a command runs, not when its options are built: `--help` stays instant
+    from mllm.checkpoint import CheckpointError
+    from mllm.inference import load_pretrained
+
+    try:
+        return load_pretrained(
+            args.checkpoint,
+            dtype=args.dtype,
+            device=args.device,
+            load_4bit=args.load_4bit,
+            merge_adapters=not args.keep_adapters,
+            trust_remote_code=args.trust_remote_code,
+            verify_hashes=not args.no_verify,
+        )
+    except CheckpointError as e:
+        raise UserError(str(e)) from None

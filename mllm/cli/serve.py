@@ -14,7 +14,7 @@ import os
 import typing
 
 from mllm.cli import UserError
-from mllm.cli.chat import add_model_arguments, load_model
+from mllm.cli.options import add_model_arguments, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -92,29 +92,23 @@ class Demo:
                 self.train(0, llm)
             with self.phase("eval_stage0"):
                 retrieval = self.evaluate(
-                    "stage0", "demo_test_captions.yaml", "eval_stage0", task="retrieval"
-                )
+                    "eval_stage0", "stage0", {"test_captions": "eval_stage0"}, task="retrieval"
+                )["test_captions"]
         with self.phase("stage1"):
             self.train(1, llm)
         scores: dict[str, dict] = {}
-        for split in SPLITS:
-            with self.phase(f"eval_stage1_{split}"):
-                scores[f"{split}_captions"] = self.evaluate(
-                    "stage1", f"demo_{split}_captions.yaml", f"eval_stage1_{split}"
-                )
+        with self.phase("eval_stage1"):  # one `mllm eval` (one model load) per checkpoint for all its sets
+            scores |= self.evaluate(
+                "eval_stage1", "stage1", {f"{s}_captions": f"eval_stage1_{s}" for s in SPLITS}
+            )
         with self.phase("stage2"):
             self.train(2, llm)
-        for split in SPLITS:
-            with self.phase(f"eval_{split}"):
-                scores[split] = self.evaluate("stage2", f"demo_{split}.yaml", f"eval_{split}")
-            with self.phase(f"eval_{split}_turns"):
-                scores[f"{split}_turns"] = self.evaluate(
-                    "stage2", f"demo_{split}_turns.yaml", f"eval_{split}_turns"
-                )
+        with self.phase("eval_stage2"):
+            sets = {f"{split}{part}": f"eval_{split}{part}" for split in SPLITS for part in ("", "_turns")}
+            scores |= self.evaluate("eval_stage2", "stage2", sets)
         with self.phase("eval_test_blind"):
-            scores["test_blind"] = self.evaluate(
-                "stage2", "demo_test.yaml", "eval_test_blind", swap_images=True
-            )
+            blind = self.evaluate("eval_test_blind", "stage2", {"test": "eval_test_blind"}, swap_images=True)
+            scores["test_blind"] = blind["test"]
         results = self.results(scores, manifest, time.monotonic() - start)
         if retrieval is not None:
             results["stage0"] = {k: retrieval[k] for k in RETRIEVAL_FIGURES} | {"n": retrieval["n_images"]}
@@ -148,31 +142,27 @@ class Demo:
         self.execute(f"stage{stage}", train_command(stage, self.settings, llm, self.data_dir, self.out, bert))
 
     def evaluate(
-        self, stage_dir: str, recipe: str, name: str, swap_images: bool = False, task: str = "generate"
-    ) -> dict:
-        cmd = [
-            sys.executable,
-            "-m",
-            "mllm",
-            "eval",
-            str(self.out / stage_dir),
-            "--data",
-            str(self.data_dir / recipe),
-        ]
-        cmd += [
-            "--output",
-            str(self.out / name),
-            "--batch-size",
-            str(self.settings.eval_batch_size),
-            "--max-new-tokens",
-            "8",
-        ]
+        self,
+        name: str,
+        stage_dir: str,
+        sets: dict[str, str],
+        swap_images: bool = False,
+        task: str = "generate",
+    ) -> dict[str, dict]:
+        """Score the `stage_dir` checkpoint on `sets` ({set: output folder}; set `x` is the recipe demo_x.yaml) in
+        one `mllm eval` process, logged as logs/<name>.log; returns {set: scores}."""
+        cmd = [sys.executable, "-m", "mllm", "eval", str(self.out / stage_dir), "--data"]
+        cmd += [str(self.data_dir / f"demo_{name}.yaml") for name in sets]
+        cmd += ["--output", *(str(self.out / folder) for folder in sets.values())]
+        cmd += ["--batch-size", str(self.settings.eval_batch_size), "--max-new-tokens", "8"]
         if swap_images:
             cmd += ["--swap-images", "--seed", str(self.settings.seed)]
         if task != "generate":
             cmd += ["--task", task]
         self.execute(name, cmd)
-        return json.loads((self.out / name / "scores.json").read_text())
+        return {
+            name: json.loads((self.out / folder / "scores.json").read_text()) for name, folder in sets.items()
+        }
 
     def execute(self, name: str, cmd: list[str]) -> None:
         """Run one phase's command, its output going to logs/<name>.log (and this terminal unless quiet).

@@ -139,17 +139,23 @@ def llava_state_dict(model) -> dict[str, torch.Tensor]:
 
 def build_llava(model, tokenizer) -> tuple[LlavaForConditionalGeneration, int]:
     """Our `MultimodalLM` as a `LlavaForConditionalGeneration` with identical weights (LoRA merged)."""
-    if model.config.llm.mode == "lora":
-        merge_lora(model)
-    llm = model.llm
-    image_id = add_image_token(tokenizer, llm)
     vision_config = model.vision.model.config
     if type(AutoModel.from_config(vision_config)) is not type(model.vision.model):
         raise ExportError(
             f"transformers builds a different class than {type(model.vision.model).__name__} from its config"
         )
-    config = LlavaConfig(
-        vision_config=vision_config.to_dict(),
+    return build_hf(model, tokenizer, LlavaConfig, LlavaForConditionalGeneration)
+
+
+def build_hf(model, tokenizer, config_class, model_class, **config_extra):
+    """Our `MultimodalLM` as transformers' `model_class` (LLaVA or LLaVA-NeXT) with identical weights: LoRA merged,
+    the image token added, the config from ours plus `config_extra`; returns (the model, the image token id)."""
+    if model.config.llm.mode == "lora":
+        merge_lora(model)
+    llm = model.llm
+    image_id = add_image_token(tokenizer, llm)
+    config = config_class(
+        vision_config=model.vision.model.config.to_dict(),
         text_config=llm.config.to_dict(),
         image_token_id=image_id,
         image_seq_length=model.num_image_tokens,
@@ -158,9 +164,10 @@ def build_llava(model, tokenizer) -> tuple[LlavaForConditionalGeneration, int]:
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+        **config_extra,
     )
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = model_class(config)
     return finish_export(hf, llava_state_dict(model), llm, image_id), image_id
 
 

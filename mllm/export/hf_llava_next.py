@@ -14,20 +14,12 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from mllm.config import ModelConfig
 from mllm.export import hf_llava
-from mllm.export.hf_llava import (
-    ExportError,
-    add_image_token,
-    finish_export,
-    llava_state_dict,
-    write_llava_dir,
-)
-from mllm.export.merge import merge_lora
+from mllm.export.hf_llava import ExportError, build_hf, write_llava_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +60,10 @@ def check_exportable(cfg: ModelConfig, model=None, template_jinja: str | None = 
 
 def build_llava_next(model, tokenizer) -> tuple[LlavaNextForConditionalGeneration, int]:
     """Our AnyRes `MultimodalLM` as a `LlavaNextForConditionalGeneration` with identical weights (LoRA merged)."""
-    if model.config.llm.mode == "lora":
-        merge_lora(model)
-    llm = model.llm
-    image_id = add_image_token(tokenizer, llm)
-    config = LlavaNextConfig(
-        vision_config=model.vision.model.config.to_dict(),
-        text_config=llm.config.to_dict(),
-        image_token_id=image_id,
-        image_grid_pinpoints=[list(p) for p in model.image_layout.grid_pinpoints],
-        image_seq_length=model.num_image_tokens,
-        vision_feature_layer=model.config.vision.feature_layer,
-        vision_feature_select_strategy="default" if model.vision.num_prefix == 1 else "full",
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+    pinpoints = [list(p) for p in model.image_layout.grid_pinpoints]
+    return build_hf(
+        model, tokenizer, LlavaNextConfig, LlavaNextForConditionalGeneration, image_grid_pinpoints=pinpoints
     )
-    with torch.device("meta"):
-        hf = LlavaNextForConditionalGeneration(config)
-    return finish_export(hf, llava_state_dict(model), llm, image_id), image_id
 
 
 def image_processor(model) -> LlavaNextImageProcessorPil:

@@ -42,7 +42,7 @@ class TinySize:
     patch_size: int = 8
 
 
-def _llm_config(family: str, size: TinySize, vocab: int, tok):
+def _llm_config(family: str, size: TinySize, vocab: int, tok, tie: bool | None = None):
     common = dict(
         vocab_size=vocab,
         bos_token_id=tok.bos_token_id,
@@ -65,16 +65,27 @@ def _llm_config(family: str, size: TinySize, vocab: int, tok):
         num_attention_heads=size.llm_heads,
         num_key_value_heads=size.llm_kv_heads,
         max_position_embeddings=2048,
-        tie_word_embeddings=family != "phi3",
+        tie_word_embeddings=family != "phi3" if tie is None else tie,
         **common,
     )
 
 
-def make_llm(family: str, out: str, size: TinySize | None = None, seed: int = 0) -> str:
-    """Write a tiny causal LM of `family` (llama, qwen2, gpt2, phi3) with its tokenizer to `out`."""
+def make_llm(
+    family: str,
+    out: str,
+    size: TinySize | None = None,
+    seed: int = 0,
+    image_token: str | None = None,
+    tie_word_embeddings: bool | None = None,
+) -> str:
+    """Write a tiny causal LM of `family` (llama, qwen2, gpt2, phi3) with its tokenizer to `out`; `image_token`:
+    a special token added to the vocabulary (as LLaVA's own LLMs carry <image>); `tie_word_embeddings`: None is
+    the family's usual choice."""
     size = size or TinySize()
     tok = make_tokenizer(family, size.vocab)
-    config = _llm_config(family, size, len(tok), tok)
+    if image_token:
+        tok.add_special_tokens({"additional_special_tokens": [image_token]})
+    config = _llm_config(family, size, len(tok), tok, tie_word_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)

@@ -79,7 +79,24 @@ def init_distributed() -> World:
     )
     if device.type == "cpu":
         release_shm_names(world.rank)
+        share_cpu_threads(os.environ)
     return world
+
+
+def cpu_threads_per_rank(env: dict[str, str] | os._Environ, cpus: int) -> int | None:
+    """The intra-op threads each of this node's ranks gets on a CPU run: its share of `cpus`, or None (torch's
+    default) when OMP_NUM_THREADS is set or one rank has the node. torchrun does the same (it sets
+    OMP_NUM_THREADS=1); without it N ranks each start `cpus` threads and oversubscribe the cores."""
+    local = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+    if "OMP_NUM_THREADS" in env or local <= 1:
+        return None
+    return max(1, cpus // local)
+
+
+def share_cpu_threads(env: dict[str, str] | os._Environ) -> None:
+    threads = cpu_threads_per_rank(env, len(os.sched_getaffinity(0)))
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 SHM_BUFFER_PREFIX = "/dev/shm/deepspeed_allreduce_buffer"
