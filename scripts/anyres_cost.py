@@ -33,9 +33,25 @@ def train(work: Path, out: Path, arm: str, steps: int, batch: int) -> dict:
     from mllm.train.progress import read_metrics
 
     cmd = [sys.executable, "-m", "mllm", "train", "--stage", "1", "--vision", str(work / "vision")]
-    cmd += ["--llm", str(work / "llm"), "--data", str(work / "pretrain.json"), "--image-root", str(work / "images")]
+    cmd += [
+        "--llm",
+        str(work / "llm"),
+        "--data",
+        str(work / "pretrain.json"),
+        "--image-root",
+        str(work / "images"),
+    ]
     cmd += ["--output", str(out)]
-    cmd += ["--max-steps", str(steps), "--micro-batch-size", str(batch), "--grad-accum", "1", "--dtype", "fp32"]
+    cmd += [
+        "--max-steps",
+        str(steps),
+        "--micro-batch-size",
+        str(batch),
+        "--grad-accum",
+        "1",
+        "--dtype",
+        "fp32",
+    ]
     cmd += ["--save-every", "0", "--resume", "no", *ARMS[arm]]
     print("$", " ".join(cmd), flush=True)
     with open(out.with_suffix(".log"), "w") as log:
@@ -78,11 +94,17 @@ def main() -> int:
     for arm, rounds in runs.items():
         rows[arm] = {
             "visual_tokens": visual_tokens(work, arm),
-            "samples_per_s": statistics.median(statistics.median(m["samples_per_s"] for m in ms) for ms in rounds),
-            "tokens_per_s": statistics.median(statistics.median(m["tokens_per_s"] for m in ms) for ms in rounds),
+            "samples_per_s": statistics.median(
+                statistics.median(m["samples_per_s"] for m in ms) for ms in rounds
+            ),
+            "tokens_per_s": statistics.median(
+                statistics.median(m["tokens_per_s"] for m in ms) for ms in rounds
+            ),
         }
     base = rows["square"]["samples_per_s"]
-    print(f"\nbench work {work} · stage 1 · micro-batch {args.batch} · {args.steps} steps × {args.rounds} rounds")
+    print(
+        f"\nbench work {work} · stage 1 · micro-batch {args.batch} · {args.steps} steps × {args.rounds} rounds"
+    )
     print("| arm | visual tokens / image | samples/s | tokens/s | samples/s vs square |")
     print("|---|---|---|---|---|")
     for arm, row in rows.items():
