@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoTokenizer
 from mllm.checkpoint import mark_complete, write_model_files
 from mllm.config import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
 from mllm.export.hf_llava import ExportError, add_image_token, finish_export
-from mllm.export.merge import merge_lora
+from mllm.export.merge import merge_lora, new_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ SUPPORTED = (
 # ---- in ---------------------------------------------------------------------------------------------
 def import_hf_blip2(src: str | os.PathLike, out: str | os.PathLike, template: str = "auto") -> Path:
     """Write an mllm checkpoint at `out` from the transformers BLIP-2 / InstructBLIP directory `src`."""
-    src, out = Path(src).resolve(), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
+    src, out = Path(src).resolve(), new_output_dir(out)
     model_type = AutoConfig.from_pretrained(src).model_type
     if model_type not in _BY_MODEL_TYPE:
         raise ValueError(
@@ -219,9 +217,7 @@ def build_blip2(model, tokenizer, fmt: str):
 def export_hf_blip2(model, config: dict, tokenizer, out: str | os.PathLike, fmt: str = "hf-blip2") -> Path:
     """Write `out/` so that transformers' BLIP-2 / InstructBLIP class and `AutoProcessor` load it."""
     check_exportable(model.config, fmt)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
+    out = new_output_dir(out)
     family = FAMILIES[fmt]
     hf, _ = build_blip2(model, tokenizer, fmt)
     parts = dict(image_processor=model.vision.processor, tokenizer=tokenizer)

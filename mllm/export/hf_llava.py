@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from mllm.config import IMAGE_PLACEHOLDER, ModelConfig
-from mllm.export.merge import merge_lora
+from mllm.export.merge import merge_lora, new_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,7 @@ def export_hf_llava(
 ) -> Path:
     """Write `out/` so that `LlavaForConditionalGeneration.from_pretrained(out)` and `AutoProcessor.from_pretrained(out)` work."""
     check_exportable(model.config, model, template_jinja)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
+    out = new_output_dir(out)
     hf, _ = build_llava(model, tokenizer)
     return write_llava_dir(
         hf, LlavaProcessor, model.vision.processor, model, config, tokenizer, template_jinja, out

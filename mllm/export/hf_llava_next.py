@@ -20,6 +20,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from mllm.config import ModelConfig
 from mllm.export import hf_llava
 from mllm.export.hf_llava import ExportError, build_hf, write_llava_dir
+from mllm.export.merge import new_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def export_hf_llava_next(
     """Write `out/` so that `LlavaNextForConditionalGeneration.from_pretrained(out)` and
     `AutoProcessor.from_pretrained(out)` work."""
     check_exportable(model.config, model, template_jinja)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
+    out = new_output_dir(out)
     hf, _ = build_llava_next(model, tokenizer)
     return write_llava_dir(
         hf, LlavaNextProcessor, image_processor(model), model, config, tokenizer, template_jinja, out

@@ -16,6 +16,15 @@ log = logging.getLogger(__name__)
 _RUN_KEYS_DROPPED = ("format_version", "model", "_path")
 
 
+def new_output_dir(out: str | os.PathLike) -> Path:
+    """`out` as a Path, refused (ValueError) when it exists with anything in it: an export never mixes its files
+    with what is there."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
+    return out
+
+
 def merge_lora(model) -> None:
     """Fold the LoRA deltas into the base weights in place; `model.config.llm.mode` becomes `full`."""
     if model.config.llm.mode == "qlora":
@@ -34,9 +43,7 @@ def merge_lora(model) -> None:
 
 def write_merged_checkpoint(model, config: dict, out: str | os.PathLike) -> Path:
     """Write `model` (already merged) as a complete checkpoint carrying the source's template and run settings."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: exists and is not empty; choose a new output directory")
+    out = new_output_dir(out)
     meta = {k: v for k, v in config.items() if k not in _RUN_KEYS_DROPPED}
     meta["merged_from"] = config.get("_path")
     tokenizer = getattr(model.connector, "tokenizer", None)
