@@ -69,7 +69,8 @@ def visual_tokens(work: Path, arm: str) -> int:
 
     config = json.loads((work / "vision" / "config.json").read_text())
     tile, patch = config["image_size"], config["patch_size"]
-    aspect, tiles = ARMS[arm][1], 4
+    flags = dict(zip(ARMS[arm][::2], ARMS[arm][1::2], strict=True))  # the arm's own settings, not a copy
+    aspect, tiles = flags["--image-aspect"], int(flags.get("--max-tiles", 4))
     layout = layout_for(VisionConfig(image_aspect=aspect, max_tiles=tiles), tile, (tile // patch) ** 2)
     image = next(iter(sorted((work / "images").iterdir())))
     return layout.num_tokens(layout.fit(*Image.open(image).size))
