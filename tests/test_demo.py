@@ -207,6 +207,17 @@ def test_results_and_report_show_validation_and_test_apart_with_intervals(tmp_pa
     assert (
         "stage2 500s" in text and "total 15.0 min" in text and f"mllm chat {tmp_path}/stage2 --image" in text
     )
+    # the BLIP-2 route adds stage 0's retrieval figures, validation and test apart
+    figures = {"zero_shot_accuracy": 96.0, "itm_accuracy": 97.5, "i2t_r@1": 4.0, "i2t_r@5": 20.0}
+    results["stage0"] = {
+        "val": figures | {"n": 200, "t2i_r@1": 90.0, "t2i_r@5": 99.0},
+        "test": figures | {"n": 300, "t2i_r@1": 91.0, "t2i_r@5": 98.0},
+    }
+    text = format_report(results)
+    assert (
+        "stage 0 (Q-Former pretraining, no LLM), val images (n=200): zero-shot classification 96.0%" in text
+    )
+    assert "test images (n=300)" in text and "text→image R@1/5 91.0/98.0%" in text
 
 
 def test_unknown_schedule_or_connector_is_refused():

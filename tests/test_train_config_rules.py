@@ -78,6 +78,17 @@ BROKEN = [
     ],
     (dict(max_skipped_steps=0), "max_skipped_steps must be >= 1"),
     *[
+        (
+            change,
+            f"--mir-every {change['mir_every']} needs --mir-data (the samples MIR is measured on), and must be >= 0",
+        )
+        for change in (dict(mir_every=5), dict(mir_every=-1, mir_data="captions.json"))
+    ],
+    (
+        dict(stage=0, mir_data="captions.json"),
+        "--mir-data measures visual tokens inside the LLM; stage 0 loads none: drop --mir-data",
+    ),
+    *[
         (change, "lora_r must be >= 1 and lora_dropout in [0, 1)")
         for change in (dict(lora_r=0), dict(lora_dropout=1.0))
     ],

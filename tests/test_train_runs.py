@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -475,3 +476,31 @@ def test_a_transformers_blip2_fine_tunes_with_lora_and_exports_back(backbones, c
             input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
         ).logits
     assert (theirs[..., : ours.shape[-1]] - ours).abs().max().item() <= 1e-4
+
+
+def test_mir_is_logged_as_stage_1_trains_and_matches_eval_of_the_saved_model(backbones, colours, tmp_path):
+    """--mir-data: MIR before the first step, every --mir-every steps and at the end (mir.jsonl); the last one is
+    what `mllm eval --task alignment` measures on the checkpoint the run saved (same model, same encoding)."""
+    from mllm.cli import main
+    from mllm.train.progress import ALIGNMENT_FILE
+
+    out = tmp_path / "s1"
+    summary = train(config(backbones, colours, out, max_steps=3, mir_data=colours, mir_every=2))
+    records = [json.loads(line) for line in (out / ALIGNMENT_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 3]
+    assert all(math.isfinite(r["mir"]) and len(r["per_layer"]) == 2 for r in records)
+    assert records[0]["mir"] != records[-1]["mir"]  # the connector moved: so did its tokens inside the LLM
+    assert records[0]["n_visual"] == 8 * 16  # the 8 colour images, the tiny CLIP's 16 patches each
+    argv = [
+        "eval",
+        summary["checkpoint"],
+        "--data",
+        colours,
+        "--task",
+        "alignment",
+        "--output",
+        str(tmp_path / "e"),
+    ]
+    assert main([*argv, "--no-progress"]) == 0
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    assert scores["mir"] == pytest.approx(records[-1]["mir"], abs=1e-4)

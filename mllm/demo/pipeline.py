@@ -90,10 +90,13 @@ class Demo:
         if self.settings.qformer_pretrain:  # the BLIP-2 route: the Q-Former learns the captions first, no LLM
             with self.phase("stage0"):
                 self.train(0, llm)
-            with self.phase("eval_stage0"):
+            with self.phase("eval_stage0"):  # validation for choosing settings, test to report
                 retrieval = self.evaluate(
-                    "eval_stage0", "stage0", {"test_captions": "eval_stage0"}, task="retrieval"
-                )["test_captions"]
+                    "eval_stage0",
+                    "stage0",
+                    {f"{split}_captions": f"eval_stage0_{split}" for split in SPLITS},
+                    task="retrieval",
+                )
         with self.phase("stage1"):
             self.train(1, llm)
         scores: dict[str, dict] = {}
@@ -111,7 +114,11 @@ class Demo:
             scores["test_blind"] = blind["test"]
         results = self.results(scores, manifest, time.monotonic() - start)
         if retrieval is not None:
-            results["stage0"] = {k: retrieval[k] for k in RETRIEVAL_FIGURES} | {"n": retrieval["n_images"]}
+            results["stage0"] = {
+                split: {k: retrieval[f"{split}_captions"][k] for k in RETRIEVAL_FIGURES}
+                | {"n": retrieval[f"{split}_captions"]["n_images"]}
+                for split in SPLITS
+            }
         (self.out / "results.json").write_text(json.dumps(results, indent=2))
         print(format_report(results))
         return results
@@ -391,10 +398,9 @@ def format_report(r: dict) -> str:
         for k in (1, 2)
     ]
     lines.append(" | ".join(losses))
-    if "stage0" in r:
-        s0 = r["stage0"]
+    for split, s0 in r.get("stage0", {}).items():
         lines.append(
-            f"stage 0 (Q-Former pretraining, no LLM), held-out images (n={s0['n']}): zero-shot classification "
+            f"stage 0 (Q-Former pretraining, no LLM), {split} images (n={s0['n']}): zero-shot classification "
             f"{s0['zero_shot_accuracy']:.1f}%, ITM {s0['itm_accuracy']:.1f}%, image→text R@1/5 "
             f"{s0['i2t_r@1']:.1f}/{s0['i2t_r@5']:.1f}%, text→image R@1/5 {s0['t2i_r@1']:.1f}/{s0['t2i_r@5']:.1f}%"
         )

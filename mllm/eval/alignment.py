@@ -70,6 +70,34 @@ def alignment_scores(
     }
 
 
+class AlignmentProbe:
+    """MIR of a model while it trains (`mllm train --mir-data`): fixed items, scored by `alignment_scores`.
+
+    `items`: `EvalItem`s, each with an image; `meta`: the run's template settings (`template`, `system_prompt`,
+    `max_length`), so the items are encoded as the training samples are. `measure(model)` switches the model to
+    eval mode for the measurement (no dropout) and back. Under ZeRO-3 every rank must call it, together.
+    """
+
+    def __init__(self, items: list[EvalItem], meta: dict, batch_size: int = 16):
+        missing = [it.id for it in items if not it.images]
+        if missing:
+            raise ValueError(f"--mir-data needs an image in every sample; these have none: {missing[:5]}")
+        self.items, self.meta, self.batch_size = items, meta, batch_size
+        self._processor = None
+
+    def measure(self, model) -> dict:
+        from mllm.inference.processor import Processor
+
+        if self._processor is None:
+            self._processor = Processor.from_checkpoint(model, self.meta)
+        was_training = model.training
+        model.eval()
+        try:
+            return alignment_scores(model, self._processor, self.items, self.batch_size, progress=False)
+        finally:
+            model.train(was_training)
+
+
 def replace_outliers(x: torch.Tensor) -> torch.Tensor:
     """Rows [N, D] whose L2 norm lies over 3 standard deviations from the mean norm → the median row."""
     norms = x.norm(dim=-1)

@@ -184,6 +184,12 @@ class TrainConfig:
     max_skipped_steps: int = 5
     """A step whose loss or gradient norm is NaN/Inf (on any rank) is skipped and logged; this many skipped in a
     row stop the run (nothing saved after them)."""
+    mir_data: str = ""
+    """Caption or QA data (recipe, .json or .jsonl; an image and a reference answer per sample) on which the run
+    measures the Modality Integration Rate (`mllm eval --task alignment`, docs/blip2.md) as it trains: before the
+    first step, every --mir-every steps and at the end, into mir.jsonl and TensorBoard. Empty = off. Stages 1, 2."""
+    mir_every: int = 0
+    """With --mir-data: also measure MIR every N optimizer steps (0 = before the first step and at the end only)."""
     no_verify: bool = False
     """Resume / --init-from without checking the checkpoint's files against the hashes recorded when they were
     saved (sizes are still checked, weights still must be finite)."""
@@ -321,6 +327,14 @@ RULES: tuple[Rule, ...] = (
     Rule(lambda c: c.save_every >= 0 and c.keep_last >= 0, "save_every and keep_last must be >= 0"),
     Rule(lambda c: c.log_every >= 1 and c.num_workers >= 0, "log_every must be >= 1 and num_workers >= 0"),
     Rule(lambda c: c.max_skipped_steps >= 1, "max_skipped_steps must be >= 1"),
+    Rule(
+        lambda c: c.mir_every >= 0 and (c.mir_data or not c.mir_every),
+        "--mir-every {mir_every} needs --mir-data (the samples MIR is measured on), and must be >= 0",
+    ),
+    Rule(
+        lambda c: c.stage != 0 or not c.mir_data,
+        "--mir-data measures visual tokens inside the LLM; stage 0 loads none: drop --mir-data",
+    ),
     Rule(
         lambda c: c.lora_r >= 1 and 0 <= c.lora_dropout < 1, "lora_r must be >= 1 and lora_dropout in [0, 1)"
     ),

@@ -22,6 +22,8 @@ import transformers
 from mllm.checkpoint import latest_checkpoint, read_config, read_weights, verify
 from mllm.data.collate import round_up
 from mllm.data.recipe import data_fingerprint
+from mllm.eval.alignment import AlignmentProbe
+from mllm.eval.data import load_eval_items
 from mllm.model import build_model, load_tokenizer, resolve_runtime
 from mllm.model.qformer_pretrain import build_qformer_pretrainer, caption_tokenizer
 from mllm.model.runtime import training_attention
@@ -65,6 +67,8 @@ class Session:
     """`mllm.data.recipe.data_fingerprint` of the run's data, saved in each checkpoint; resuming compares it."""
     skips: nonfinite.Skips
     fault: nonfinite.Fault | None = None
+    probe: AlignmentProbe | None = None
+    """--mir-data: the Modality Integration Rate measured as the run trains (`measure_alignment`)."""
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -92,8 +96,19 @@ def setup(cfg: TrainConfig) -> Session:
     skips = nonfinite.Skips(cfg.max_skipped_steps)
     fault = nonfinite.Fault.from_env()
     return Session(
-        cfg, world, model, engine, data, stream, state, total_steps, grad_accum, fingerprint, skips, fault
-    )
+        cfg, world, model, engine, data, stream, state, total_steps, grad_accum, fingerprint, skips, fault,
+        alignment_probe(cfg, data),
+    )  # fmt: skip
+
+
+def alignment_probe(cfg: TrainConfig, data: TrainData) -> AlignmentProbe | None:
+    """--mir-data's samples (every one read and checked now, before the first step), encoded with the run's
+    template; None without --mir-data."""
+    if not cfg.mir_data:
+        return None
+    items = load_eval_items(cfg.mir_data, seed=cfg.seed, image_root=cfg.image_root or None)
+    meta = {"template": data.recipe.template, "system_prompt": data.recipe.system_prompt}
+    return AlignmentProbe(items, meta | {"max_length": data.recipe.max_length}, cfg.micro_batch_size)
 
 
 def start_processes(cfg: TrainConfig) -> tuple[dist.World, dict[str, Any]]:
@@ -281,6 +296,8 @@ def fit(s: Session) -> dict[str, Any]:
         already_spent=s.data.feature_cache_fill_s,  # the cache's fill is part of what this run cost
     )  # fmt: skip
     try:
+        if s.state["step"] == 0:  # (a resumed run measured its start already)
+            measure_alignment(s, progress)
         with StopRequest() as stop:
             last_saved, stopped_by = run_steps(s, progress, stop)
     finally:
@@ -339,6 +356,8 @@ def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path |
         )
         if s.skips.exhausted:  # the same on every rank: stop before anything is saved
             return last_saved, nonfinite.STOPPED
+        if state["step"] == s.total_steps or (cfg.mir_every and state["step"] % cfg.mir_every == 0):
+            measure_alignment(s, progress)
         if dist.any_rank(stop.requested, s.world.device):  # a save is collective: all ranks stop together
             stopped_by = signal_name(stop.signal)
         due = state["step"] == s.total_steps or (cfg.save_every and state["step"] % cfg.save_every == 0)
@@ -349,6 +368,13 @@ def run_steps(s: Session, progress: Progress, stop: StopRequest) -> tuple[Path |
                 s.engine, s.model, s.world, cfg, state["step"], s.stream.state_dict(), dict(state), meta
             )
     return last_saved, stopped_by
+
+
+def measure_alignment(s: Session, progress: Progress) -> None:
+    """With --mir-data: MIR of the model as it is now, on every rank (ZeRO-3's partitioned weights are gathered
+    collectively), recorded by the main rank (mir.jsonl, TensorBoard)."""
+    if s.probe is not None:
+        progress.alignment(s.state["step"], s.probe.measure(s.model))
 
 
 def train_step(

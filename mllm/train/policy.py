@@ -29,7 +29,17 @@ def effective_config(cfg: TrainConfig) -> TrainConfig:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute, so that checkpoints and run_config.yaml work from any directory (hub ids stay)."""
     values = cfg.to_dict()
-    for key in ("vision", "llm", "data", "image_root", "output", "zero", "init_from", "feature_cache"):
+    for key in (
+        "vision",
+        "llm",
+        "data",
+        "image_root",
+        "output",
+        "zero",
+        "init_from",
+        "feature_cache",
+        "mir_data",
+    ):
         if values[key] and (key in ("output", "feature_cache") or Path(values[key]).exists()):
             values[key] = str(Path(values[key]).expanduser().resolve())
     if values["resume"] not in ("auto", "latest", "no"):
@@ -101,6 +111,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "image_root", "init_from", "output", "resume", "save_every", "keep_last", "log_every", "num_workers",
     "trust_remote_code", "grad_checkpointing", "attention", "pad_to_multiple_of", "causal_kernel",
     "no_verify", "max_skipped_steps",  # how a checkpoint is checked on load; when a run of bad steps stops it
+    "mir_data", "mir_every",  # a diagnostic, measured beside the training
     # speed levers: the same micro-batches and losses (each tested equal with the lever on and off)
     "packing", "pack_row_tokens", "feature_cache", "compile", "loss_chunk_size", "prefetch_factor",
 })  # fmt: skip

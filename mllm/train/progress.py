@@ -14,6 +14,8 @@ import psutil
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+ALIGNMENT_FILE = "mir.jsonl"
+"""--mir-data: one line per measurement, {"step", "mir", "per_layer", "n_visual", "n_text"}."""
 CURVE_FILE = "loss_lr.png"
 SUMMARY_FILE = "summary.json"
 
@@ -38,6 +40,10 @@ class Progress:
         if not enabled:
             return
         _truncate_metrics(output / METRICS_FILE, start_step)
+        if start_step:
+            _truncate_metrics(output / ALIGNMENT_FILE, start_step)
+        else:  # a fresh start (maybe --resume no over an old run) measures step 0 again
+            (output / ALIGNMENT_FILE).unlink(missing_ok=True)
         from torch.utils.tensorboard import SummaryWriter  # only when logging: its import costs seconds
 
         self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=start_step + 1)
@@ -95,6 +101,16 @@ class Progress:
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
         return record
+
+    def alignment(self, step: int, scores: dict) -> None:
+        """Record the Modality Integration Rate measured after `step` optimizer steps (0: before the first)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: scores[k] for k in ("mir", "per_layer", "n_visual", "n_text")}}
+        with open(self.output / ALIGNMENT_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.writer.add_scalar("alignment/mir", scores["mir"], step)
+        self.bar.write(f"step {step}: MIR {scores['mir']:.3f}")
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Close the bar and writers, draw the curves, write and return the summary."""
