@@ -52,6 +52,8 @@ def test_quick_demo_writes_every_phase_and_the_results_schema(quick_demo, capsys
         "eval_test_blind",
     }
     assert results["settings"]["schedule"] == "quick" and results["settings"]["connector"] == "mlp"
+    steps = QUICK.stage1.steps
+    assert [k for k, _ in results["stage1"]["mir"]] == [*range(0, steps, QUICK.mir_every), steps]
     assert results["data"]["stage2"]["turns"]["with_switch"] > 0
     for path in (
         "data/manifest.json",
@@ -149,7 +151,9 @@ def test_stage_commands_parse_as_the_training_config_they_mean(tmp_path, schedul
         settings.connector_width,
         settings.connector_layers,
     )
-    assert two.lora_target_modules == settings.lora_target_modules
+    assert one.mir_data.endswith("demo_val_captions.yaml") and one.mir_every == settings.mir_every > 0
+    assert two.lora_target_modules == settings.lora_target_modules and not two.mir_data
+    assert not two.instruction_aware
     assert two.stage == 2 and two.llm_mode == "lora" and two.init_from == str(tmp_path / "stage1")
     assert (two.lora_r, two.lora_alpha, two.lr) == (settings.lora_r, settings.lora_alpha, settings.stage2.lr)
     assert (
@@ -192,7 +196,11 @@ def test_results_and_report_show_validation_and_test_apart_with_intervals(tmp_pa
         "val_captions": _scores(90, 100.0),
         "test_captions": _scores(92, 91.0),
     }
+    (tmp_path / "stage1" / "mir.jsonl").write_text(
+        "".join(json.dumps({"step": k, "mir": m}) + "\n" for k, m in ((0, 3.51234), (40, 2.9), (120, 2.4)))
+    )
     results = demo.results(scores, {}, 900.0)
+    assert results["stage1"]["mir"] == [[0, 3.5123], [40, 2.9], [120, 2.4]]
     val, test = results["validation"], results["test"]
     assert val["ci95"] == [88.0, 91.7] and val["n"] == 1000 and "blind_accuracy" not in val
     assert test["by_type"]["color"]["blind_accuracy"] == 12.0 and test["blind_accuracy"] == 66.0
@@ -204,6 +212,10 @@ def test_results_and_report_show_validation_and_test_apart_with_intervals(tmp_pa
     assert "color              125     98.4%" in text and "+85.0" in text
     assert "after switch       400     85.0%  [81.2, 88.2] |   400     85.0%" in text
     assert "stage-1 captions    90    100.0%" in text and "stage 1: loss 3.20 → 0.40" in text
+    assert (
+        "stage 1 MIR on the validation captions (lower = better integrated), steps 0…120: 3.51 → 2.90 → 2.40"
+        in text
+    )
     assert (
         "stage2 500s" in text and "total 15.0 min" in text and f"mllm chat {tmp_path}/stage2 --image" in text
     )
@@ -283,3 +295,21 @@ def test_qformer_pretrain_route_runs_stage_0_then_stage_1_from_it(tmp_path):
     assert one.stage == 1 and one.init_from == str(tmp_path / "stage0") and one.llm == "/llm"
     with pytest.raises(ValueError, match="--connector qformer"):
         demo_settings("default", "mlp", qformer_pretrain=True)
+
+
+def test_instruction_aware_route_feeds_the_questions_to_the_pretrained_qformer_in_stage_2(tmp_path):
+    """`--qformer-pretrain --instruction-aware` (InstructBLIP): stage 2 alone turns instruction-awareness on."""
+    import argparse
+
+    from mllm.train.config import add_config_arguments, resolve_config
+
+    settings = demo_settings("default", "qformer", qformer_pretrain=True, instruction_aware=True)
+    cmds = [train_command(k, settings, "/llm", tmp_path / "data", tmp_path, "/minilm") for k in (0, 1, 2)]
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    zero, one, two = (resolve_config(parser.parse_args(cmd[4:])) for cmd in cmds)
+    assert not zero.instruction_aware and not one.instruction_aware and two.instruction_aware
+    assert two.init_from == str(tmp_path / "stage1")
+    for connector, pretrain in (("qformer", False), ("mlp", False)):
+        with pytest.raises(ValueError, match="--instruction-aware needs the text-aware Q-Former"):
+            demo_settings("default", connector, qformer_pretrain=pretrain, instruction_aware=True)

@@ -22,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --connector qformer, the BLIP-2 route: a Q-Former from all-MiniLM-L6-v2 pretrained on the captions "
         "(stage 0: ITC, ITM, ITG; retrieval figures reported), then stages 1 and 2",
     )
+    p.add_argument(
+        "--instruction-aware",
+        action="store_true",
+        help="with --qformer-pretrain, the InstructBLIP route: stage 2 feeds each question into the Q-Former",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--quick",
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         Demo(
             args.output,
-            demo_settings(schedule, args.connector, args.qformer_pretrain),
+            demo_settings(schedule, args.connector, args.qformer_pretrain, args.instruction_aware),
             args.backbones,
             stream=not args.quiet,
         ).run()

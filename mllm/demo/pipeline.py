@@ -233,7 +233,7 @@ class Demo:
             block["captions"] = _rate(scores[f"{split}_captions"])
             splits["validation" if split == "val" else split] = block
         return {
-            "stage1": _losses(self.out / "stage1"),
+            "stage1": _losses(self.out / "stage1") | {"mir": _mir(self.out / "stage1")},
             "stage2": _losses(self.out / "stage2"),
             **splits,
             "seconds": round(seconds, 1),
@@ -256,6 +256,15 @@ def _rate(scores: dict, blind: dict | None = None) -> dict:
     if blind is not None:
         out["blind_accuracy"] = blind["vqa_accuracy"]
     return out
+
+
+def _mir(stage_dir: Path) -> list[list[float]]:
+    """[[step, MIR], …] that stage measured on the validation captions (empty when it measured none)."""
+    from mllm.train.progress import ALIGNMENT_FILE
+
+    path = stage_dir / ALIGNMENT_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [[r["step"], round(r["mir"], 4)] for r in map(json.loads, lines)]
 
 
 def _losses(stage_dir: Path) -> dict:
@@ -320,10 +329,13 @@ def train_command(
         cmd += ["--connector-width", str(s.connector_width), "--connector-layers", str(s.connector_layers)]
     else:
         cmd += ["--init-from", str(out / "stage1"), "--llm-mode", "lora", "--lora-r", str(s.lora_r)]
+        cmd += ["--instruction-aware"] if s.instruction_aware else []
         cmd += ["--lora-alpha", str(s.lora_alpha), "--lora-dropout", str(s.lora_dropout)]
         cmd += ["--lora-target-modules", *s.lora_target_modules]
         cmd += ["--connector-lr", str(st.connector_lr or st.lr)]
     cmd += [] if stage == 0 else ["--llm", llm]  # stage 0 loads no LLM
+    if stage == 1 and s.mir_every:  # how the visual tokens settle into the LLM as the connector aligns
+        cmd += ["--mir-data", str(data_dir / "demo_val_captions.yaml"), "--mir-every", str(s.mir_every)]
     cmd += [
         "--data",
         str(data_dir / f"demo_stage{max(stage, 1)}.yaml"),  # stage 0 pretrains on the stage-1 captions
@@ -398,6 +410,12 @@ def format_report(r: dict) -> str:
         for k in (1, 2)
     ]
     lines.append(" | ".join(losses))
+    if mir := r["stage1"].get("mir"):
+        path = " → ".join(f"{value:.2f}" for _, value in mir)
+        lines.append(
+            f"stage 1 MIR on the validation captions (lower = better integrated), steps "
+            f"{mir[0][0]}…{mir[-1][0]}: {path}"
+        )
     for split, s0 in r.get("stage0", {}).items():
         lines.append(
             f"stage 0 (Q-Former pretraining, no LLM), {split} images (n={s0['n']}): zero-shot classification "

@@ -70,6 +70,12 @@ class DemoSettings:
         default_factory=lambda: StageSettings(steps=45, micro_batch_size=16, lr=1e-3, warmup_ratio=0.1)
     )
     """Q-Former pretraining (with `qformer_pretrain`)."""
+    instruction_aware: bool = False
+    """The InstructBLIP route (`--instruction-aware`, with `qformer_pretrain`): stage 2 feeds each question into
+    the pretrained Q-Former beside its queries."""
+    mir_every: int = 40
+    """Stage 1 measures the Modality Integration Rate on the validation captions before its first step, every
+    this many steps and at its end (`mllm train --mir-every`); 0 = not at all."""
 
     def __post_init__(self):
         if self.connector not in CONNECTORS:
@@ -77,6 +83,11 @@ class DemoSettings:
         if self.qformer_pretrain and self.connector != "qformer":
             raise ValueError(
                 "--qformer-pretrain is the BLIP-2 route of the qformer connector: add --connector qformer"
+            )
+        if self.instruction_aware and not self.qformer_pretrain:
+            raise ValueError(
+                "--instruction-aware needs the text-aware Q-Former of the BLIP-2 route: add --connector qformer "
+                "--qformer-pretrain"
             )
 
     def to_dict(self) -> dict:
@@ -93,19 +104,19 @@ could not name colours after the mlp's stage 1 (docs/measurements.md)."""
 
 
 def demo_settings(
-    schedule: str = "default", connector: str = "mlp", qformer_pretrain: bool = False
+    schedule: str = "default",
+    connector: str = "mlp",
+    qformer_pretrain: bool = False,
+    instruction_aware: bool = False,
 ) -> DemoSettings:
     """The named schedule: `quick` (CI: minutes, any accuracy), `default` (≤ 20 min on 2 CPU cores), `full` (longer).
 
     The query connectors (`qformer`, `resampler`) are small transformers trained from scratch: they get a narrow
     width and a gentler stage-1 start (lr 1e-3, 10% warm-up) than the mlp projector's.
     """
-    settings = _schedule(schedule, connector)
-    settings.qformer_pretrain = qformer_pretrain
-    if qformer_pretrain and connector != "qformer":
-        raise ValueError(
-            "--qformer-pretrain is the BLIP-2 route of the qformer connector: add --connector qformer"
-        )
+    settings = dataclasses.replace(
+        _schedule(schedule, connector), qformer_pretrain=qformer_pretrain, instruction_aware=instruction_aware
+    )  # (checked again by __post_init__)
     if schedule == "quick":
         settings.stage0 = StageSettings(steps=2, micro_batch_size=4, lr=5e-4)
     if connector != "mlp":
@@ -137,6 +148,7 @@ def _schedule(schedule: str, connector: str) -> DemoSettings:
             lora_r=4,
             lora_alpha=8,
             eval_batch_size=16,
+            mir_every=8,
         )
     if schedule == "default":
         return DemoSettings(
