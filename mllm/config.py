@@ -145,8 +145,11 @@ class ConnectorConfig:
 
 @dataclass
 class LoraSettings:
-    r: int = 64
-    alpha: int = 16
+    """The LLM's LoRA adapter. The defaults are LLaVA-1.5's LoRA fine-tune, and the only copy of them: the run
+    config's `--lora-r` / `--lora-alpha` / `--lora-dropout` default to these."""
+
+    r: int = 128
+    alpha: int = 256
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or `all-linear` (every linear layer of the LLM but its head)."""

@@ -145,3 +145,14 @@ def test_mllm_train_reports_bad_options_in_one_line(capsys):
         err
         == "mllm train: error: missing --vision, --llm, --data (set them on the command line or in the YAML config)"
     )
+
+
+def test_one_set_of_lora_defaults():
+    """The run config's LoRA options default to the model config's `LoraSettings` (LLaVA-1.5's r 128, alpha 256):
+    a run given no LoRA option trains the adapter a `ModelConfig` built without one describes."""
+    from mllm.config import LLMConfig, LoraSettings
+
+    assert TrainConfig(stage=2, llm_mode="lora").model_config().llm.lora == LLMConfig().lora == LoraSettings()
+    assert (LoraSettings().r, LoraSettings().alpha) == (128, 256)
+    preset = resolve_config(stage=2, vision="v", llm="l", data="d", output="o")
+    assert (preset.lora_r, preset.lora_alpha, preset.lora_dropout) == (128, 256, 0.05)

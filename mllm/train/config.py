@@ -60,11 +60,11 @@ class TrainConfig:
     model that needs its own code fails to load instead of running it."""
     llm_mode: Literal["frozen", "full", "lora", "qlora"] = "frozen"
     """How the LLM trains: frozen (stage 1), full, lora, or qlora (4-bit NF4 base + LoRA)."""
-    lora_r: int = 128
+    lora_r: int = LoraSettings.r
     """LoRA rank."""
-    lora_alpha: int = 256
+    lora_alpha: int = LoraSettings.alpha
     """LoRA scaling numerator (scale = alpha / r)."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = LoraSettings.dropout
     """Dropout on the LoRA branch."""
     lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
     """LLM module names to adapt; `all-linear` = every linear layer but the head."""
