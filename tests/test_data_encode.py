@@ -197,3 +197,24 @@ def test_a_chat_template_rejecting_a_conversation_is_a_bad_sample():
     )
     with pytest.raises(BadSampleError, match=r"\[template_error\].*no system role"):
         encode_conversation(CONVERSATION, _with_template("llama", strict), "auto", image_tokens=1)
+
+
+def test_padding_and_truncation_saved_in_a_tokenizer_json_change_nothing():
+    """A tokenizer.json may carry fixed padding and truncation (sentence-transformers exports pad and cut every
+    text to 128): the encoder's ids are those of the same tokenizer without them, and the caller's tokenizer keeps
+    its settings."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tokenizer("llama")
+    backend = type(tok.backend_tokenizer).from_str(tok.backend_tokenizer.to_str())
+    backend.enable_padding(length=24, pad_id=tok.pad_token_id or 0)
+    backend.enable_truncation(max_length=6)
+    padded = PreTrainedTokenizerFast(tokenizer_object=backend, **tok.special_tokens_map)
+    conv = [
+        {"role": "user", "content": "<image>\nWhat shape is in the image, and what colour does it have?"},
+        {"role": "assistant", "content": "It is a circle, and the circle is blue."},
+    ]
+    want = encode_conversation(conv, tok, "plain", image_tokens=3)
+    assert encode_conversation(conv, padded, "plain", image_tokens=3) == want
+    assert len(want[0]) > 6 + 3  # longer than the saved truncation would have let through
+    assert padded.backend_tokenizer.padding["length"] == 24 and padded.backend_tokenizer.truncation

@@ -36,6 +36,22 @@ class Encoded:
         return self.full_length > len(self.input_ids)
 
 
+def plain_backend(tokenizer):
+    """`tokenizer`'s Rust backend without the padding and truncation its tokenizer.json may carry (a
+    sentence-transformers export such as all-MiniLM-L6-v2's pads and cuts every text to 128 tokens).
+    `tokenizer(text)` lifts them for each call; the encoder calls the backend itself, so it lifts them once, on a
+    copy (the caller's tokenizer is left as it was)."""
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is None and backend.truncation is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
+
+
 class ConversationEncoder:
     """Holds the template and tokenizer for many `encode` calls (the dataset makes one)."""
 
@@ -50,6 +66,7 @@ class ConversationEncoder:
         if image_tokens < 0:
             raise ValueError(f"image_tokens must be >= 0, got {image_tokens}")
         self.tokenizer = tokenizer
+        self.backend = plain_backend(tokenizer)
         self.template = get_template(template, tokenizer) if isinstance(template, str) else template
         self.image_tokens = image_tokens
         self.max_length = max_length
@@ -101,8 +118,7 @@ class ConversationEncoder:
             )
         # the Rust tokenizer one chunk at a time: the same ids and offsets as `tokenizer(chunks)`, without the
         # thread-pool wake-ups of batch encoding, which dominate for a few short chunks per sample
-        backend = self.tokenizer.backend_tokenizer
-        encodings = [backend.encode(chunk, add_special_tokens=False) for chunk in chunks]
+        encodings = [self.backend.encode(chunk, add_special_tokens=False) for chunk in chunks]
         ids: list[int] = []
         labels: list[int] = []
         image_ends: list[int] = []

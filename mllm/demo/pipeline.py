@@ -293,7 +293,9 @@ def fetch_minilm(out: str) -> str:
             z.extractall(unzipped)
         # a sentence-transformers folder: the HF model is the folder whose config.json sits beside the weights
         # (its pooling module, 1_Pooling/, has a config.json of its own)
-        [model_dir] = {p.parent for p in unzipped.rglob("model.safetensors") if (p.parent / "config.json").is_file()}
+        [model_dir] = {
+            p.parent for p in unzipped.rglob("model.safetensors") if (p.parent / "config.json").is_file()
+        }
         shutil.rmtree(folder, ignore_errors=True)
         model_dir.rename(folder)
         shutil.rmtree(unzipped, ignore_errors=True)  # what is left: the sentence-transformers extras
