@@ -20,7 +20,7 @@ from mllm.data.reader import SampleReader
 from mllm.data.recipe import Recipe
 from mllm.fingerprint import file_fingerprint
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: a tokenizer.json's own padding / truncation no longer applied (encode.plain_backend)
 """Bump when tokenisation or validation changes, so old length caches are not reused."""
 PARALLEL_MIN = 20_000
 """Below this many samples a scan runs in-process: starting workers costs more than it saves."""
@@ -107,7 +107,7 @@ def cache_key(reader: SampleReader, tasks: list[tuple[int, int]]) -> str:
     )
     h.update(repr(reader.layout).encode())  # image counts follow the layout and its budgets
     h.update(json.dumps([tok.chat_template, tok.bos_token, tok.eos_token]).encode())
-    h.update(tok.backend_tokenizer.to_str().encode())
+    h.update(enc.backend.to_str().encode())  # the backend that encodes (saved padding / truncation lifted)
     for src in reader.sources:
         s = src.spec
         h.update(json.dumps([s.path, s.format, s.image_column, s.text_column, s.prompt, s.split]).encode())
