@@ -154,3 +154,15 @@ def test_cached_dataset_gives_the_same_loss_as_pixels(backbones, tiny_config, tm
         loss_live = model(**{k: a[k] for k in common}, pixel_values=a["pixel_values"]).loss
         loss_cached = model(**{k: b[k] for k in common}, features=b["features"]).loss
     assert torch.allclose(loss_live, loss_cached, atol=1e-5)
+
+
+def test_the_fill_child_shows_its_progress_when_asked(backbones, tmp_path, capfd):
+    """The fill before the first step can take minutes: its child process draws a bar on the run's stderr."""
+    from mllm.vision.cache import fill_in_subprocess
+
+    cfg = VisionConfig(path=backbones["clip"])
+    paths = _images(tmp_path / "img")
+    assert fill_in_subprocess(cfg, torch.float32, str(tmp_path / "c1"), paths, progress=True) == 3
+    assert "caching vision features" in capfd.readouterr().err
+    assert fill_in_subprocess(cfg, torch.float32, str(tmp_path / "c2"), paths) == 3
+    assert "caching vision features" not in capfd.readouterr().err

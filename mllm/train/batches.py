@@ -187,7 +187,7 @@ def build_train_data(
     items, fill_s = dataset, 0.0
     if cfg.feature_cache:
         items = CachedFeatureDataset(dataset, FeatureCache(cfg.feature_cache, model.vision))
-        fill_s = fill_feature_cache(items, model, rank, world_size)
+        fill_s = fill_feature_cache(items, model, rank, world_size, progress)
     workers = cfg.num_workers
     loader = torch.utils.data.DataLoader(
         items,
@@ -237,8 +237,11 @@ def build_train_data(
     return TrainData(recipe, dataset, sampler, loader, blank, items, fill_s)
 
 
-def fill_feature_cache(items: CachedFeatureDataset, model, rank: int, world_size: int) -> float:
-    """Compute the cached features this run lacks, before the first step; returns the seconds it took.
+def fill_feature_cache(
+    items: CachedFeatureDataset, model, rank: int, world_size: int, progress: bool = False
+) -> float:
+    """Compute the cached features this run lacks, before the first step (`progress`: a bar of this rank's share);
+    returns the seconds it took.
 
     Each rank computes its share of the missing images in a child process (which gives back the fill's memory
     when it exits) with its own copy of the tower, then every rank waits for all; entries are written atomically,
@@ -248,7 +251,12 @@ def fill_feature_cache(items: CachedFeatureDataset, model, rank: int, world_size
     images = items.images()
     tower_dtype = next(model.vision.parameters()).dtype
     filled = fill_in_subprocess(
-        model.config.vision, tower_dtype, items.cache.root, images[rank::world_size], parent=items.cache
+        model.config.vision,
+        tower_dtype,
+        items.cache.root,
+        images[rank::world_size],
+        parent=items.cache,
+        progress=progress,
     )
     dist.barrier()
     seconds = time.perf_counter() - started

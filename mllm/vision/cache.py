@@ -152,8 +152,10 @@ def fill_in_subprocess(
     root: str,
     images: Sequence[ImageRef],
     parent: FeatureCache | None = None,
+    progress: bool = False,
 ) -> int:
-    """`FeatureCache.fill` run by a fresh (spawned) process that loads its own copy of the tower.
+    """`FeatureCache.fill` run by a fresh (spawned) process that loads its own copy of the tower (`progress`: the
+    child shows a progress bar on this process's stderr).
 
     A training process that fills its cache itself keeps the fill's allocator high-water mark (tower
     activations, decoded images) for the rest of the run; a child returns all of it when it exits. Returns
@@ -166,12 +168,12 @@ def fill_in_subprocess(
         return 0
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        computed = pool.submit(_fill_child, vision_cfg, dtype, root, missing).result()
+        computed = pool.submit(_fill_child, vision_cfg, dtype, root, missing, progress).result()
     still = sum(im not in parent for im in missing)
     if still:
         raise RuntimeError(f"feature cache {parent.dir}: {still} image(s) still missing after the fill")
     return computed
 
 
-def _fill_child(vision_cfg, dtype: torch.dtype, root: str, images: list) -> int:
-    return FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype)).fill(images, progress=False)
+def _fill_child(vision_cfg, dtype: torch.dtype, root: str, images: list, progress: bool) -> int:
+    return FeatureCache(root, build_vision_tower(vision_cfg, dtype=dtype)).fill(images, progress=progress)
