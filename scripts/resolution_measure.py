@@ -4,7 +4,9 @@ A flat recipe, each step the command a user would type:
 1. build the task (`python -m mllm.demo.resolution`) unless it is there;
 2. per arm (`square`, `anyres`): `mllm train --stage 1` (connector only, SmolLM2 frozen, chat template) with the
    same steps, batch, learning rate and seed; the arms differ only in `--image-aspect` (and its pinpoints);
-3. `mllm eval` on the validation split (for choosing settings) and, with `--test`, once on the held-out test split;
+3. `mllm eval` on the validation split (for choosing settings) and, with `--test`, once on the held-out test split
+   (an arm already trained with the same command is not trained again, so `--test` after a validation run only
+   evaluates);
 4. a Markdown table: accuracy per question type with n and a 95% Wilson interval, visual tokens per image,
    mean step time.
 
@@ -61,7 +63,12 @@ def train(arm: str, args, data: Path, out: Path) -> None:
     cmd += ["--output", str(out / arm), "--max-steps", str(args.steps), "--micro-batch-size", str(args.batch)]
     cmd += ["--grad-accum", "1", "--lr", str(args.lr), "--warmup-ratio", "0.03", "--seed", str(args.seed)]
     cmd += ["--save-every", "0", "--resume", "no", "--num-workers", "1"]
+    done = out / f"{arm}.train.done"
+    if done.is_file() and done.read_text() == " ".join(cmd):
+        print(f"{arm}: trained already with these settings ({done})", flush=True)
+        return
     run(cmd, out / f"{arm}.train.log")
+    done.write_text(" ".join(cmd))
 
 
 def evaluate(arm: str, split: str, data: Path, out: Path) -> dict:
