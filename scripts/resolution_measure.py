@@ -5,8 +5,8 @@ A flat recipe, each step the command a user would type:
 2. per arm (`square`, `anyres`): `mllm train --stage 1` (connector only, SmolLM2 frozen, chat template) with the
    same steps, batch, learning rate and seed; the arms differ only in `--image-aspect` (and its pinpoints);
 3. `mllm eval` on the validation split (for choosing settings) and, with `--test`, once on the held-out test split
-   (an arm already trained with the same command is not trained again, so `--test` after a validation run only
-   evaluates);
+   (an arm already trained with the same command is not trained again, nor scored again on a split it was scored
+   on, so `--test` after a validation run only evaluates the test split);
 4. a Markdown table: accuracy per question type with n and a 95% Wilson interval, visual tokens per image,
    mean step time.
 
@@ -72,6 +72,9 @@ def train(arm: str, args, data: Path, out: Path) -> None:
 
 
 def evaluate(arm: str, split: str, data: Path, out: Path) -> dict:
+    scores = out / f"{arm}.{split}" / "scores.json"
+    if scores.is_file() and scores.stat().st_mtime > (out / f"{arm}.train.done").stat().st_mtime:
+        return json.loads(scores.read_text())  # this checkpoint was scored on this split already
     cmd = [
         sys.executable,
         "-m",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import make_checkpoint, make_image
 
-from mllm.eval.alignment import frechet_distance, replace_outliers
+from mllm.model.alignment import frechet_distance, replace_outliers
 
 
 def test_frechet_distance_of_known_gaussians():

@@ -22,14 +22,13 @@ import transformers
 from mllm.checkpoint import latest_checkpoint, read_config, read_weights, verify
 from mllm.data.collate import round_up
 from mllm.data.recipe import data_fingerprint
-from mllm.eval.alignment import AlignmentProbe
-from mllm.eval.data import load_eval_items
 from mllm.model import build_model, load_tokenizer, resolve_runtime
 from mllm.model.qformer_pretrain import build_qformer_pretrainer, caption_tokenizer
 from mllm.model.runtime import training_attention
 from mllm.model.trainability import format_parameter_table, parameter_table
 from mllm.train import checkpointing, nonfinite, preflight
 from mllm.train import distributed as dist
+from mllm.train.alignment import AlignmentProbe
 from mllm.train.batches import (
     BatchStream,
     ExplicitMask,
@@ -97,18 +96,16 @@ def setup(cfg: TrainConfig) -> Session:
     fault = nonfinite.Fault.from_env()
     return Session(
         cfg, world, model, engine, data, stream, state, total_steps, grad_accum, fingerprint, skips, fault,
-        alignment_probe(cfg, data),
+        alignment_probe(cfg, data, tokenizer, model),
     )  # fmt: skip
 
 
-def alignment_probe(cfg: TrainConfig, data: TrainData) -> AlignmentProbe | None:
-    """--mir-data's samples (every one read and checked now, before the first step), encoded with the run's
-    template; None without --mir-data."""
+def alignment_probe(cfg: TrainConfig, data: TrainData, tokenizer, model) -> AlignmentProbe | None:
+    """--mir-data's samples (every one read and checked now, before the first step), encoded as the run's own
+    data is; None without --mir-data."""
     if not cfg.mir_data:
         return None
-    items = load_eval_items(cfg.mir_data, seed=cfg.seed, image_root=cfg.image_root or None)
-    meta = {"template": data.recipe.template, "system_prompt": data.recipe.system_prompt}
-    return AlignmentProbe(items, meta | {"max_length": data.recipe.max_length}, cfg.micro_batch_size)
+    return AlignmentProbe(cfg.mir_data, data.recipe, tokenizer, model, cfg.image_root, cfg.micro_batch_size)
 
 
 def start_processes(cfg: TrainConfig) -> tuple[dist.World, dict[str, Any]]:
