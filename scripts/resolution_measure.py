@@ -72,8 +72,8 @@ def train(arm: str, args, data: Path, out: Path) -> None:
 
 
 def evaluate(arm: str, split: str, data: Path, out: Path) -> dict:
-    scores = out / f"{arm}.{split}" / "scores.json"
-    if scores.is_file() and scores.stat().st_mtime > (out / f"{arm}.train.done").stat().st_mtime:
+    scores, done = out / f"{arm}.{split}" / "scores.json", out / f"{arm}.train.done"
+    if scores.is_file() and done.is_file() and scores.stat().st_mtime > done.stat().st_mtime:
         return json.loads(scores.read_text())  # this checkpoint was scored on this split already
     cmd = [
         sys.executable,
